@@ -1,0 +1,1 @@
+"""Result backend adapters, one module each; the App finds them by URL scheme (taskframe.registry)."""

@@ -1,0 +1,1 @@
+"""Broker adapters, one module each; the App finds them by URL scheme (taskframe.registry)."""

@@ -1,0 +1,344 @@
+"""App: settings, the task registry, and the one place messages are built and sent."""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import os
+import threading
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+
+from typing_extensions import Concatenate, ParamSpec
+
+from .broker import Broker, OutgoingMessage
+from .exceptions import ConfigurationError, NotRegistered
+from .message import Embed, Message, TaskHeaders, TaskProperties, utc_isoformat
+from .registry import create_backend, create_broker
+from .result import AsyncResult
+from .settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from .backend import ResultBackend
+    from .canvas import Signature
+    from .task import Task
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: How long a durable revocation is kept, in seconds, when results never expire.
+REVOKE_TTL_S = 7 * 86400.0
+#: The origin header: who sent a message, as Celery writes it (``gen<pid>@<host>``).
+ORIGIN = f"gen{os.getpid()}@{os.uname().nodename}"
+
+_current: weakref.ReferenceType[App] | None = None
+
+
+def current_app() -> App:
+    """The most recently created App (what ``signature()`` and ``AsyncResult(id)`` use)."""
+    app = _current() if _current is not None else None
+    if app is None:
+        msg = "no taskframe App exists yet; create one with App('name') first"
+        raise ConfigurationError(msg)
+    return app
+
+
+class App:
+    """A taskframe application.
+
+    ``App("proj", broker="redis://...", backend="redis://...")``; with no URLs the settings
+    come from ``TASKFRAME_BROKER_URL`` / ``TASKFRAME_RESULT_BACKEND``, else the embedded
+    SQLite default in ``./taskframe.sqlite3``. Other keyword arguments are settings
+    (:class:`taskframe.settings.Settings`).
+    """
+
+    def __init__(self, main: str | None = None, *, broker: str | None = None,
+                 backend: str | None = None, **settings: Any) -> None:
+        global _current
+        self.main = main
+        self.conf: Settings = load_settings({"broker": broker, "backend": backend, **settings})
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self._lock = threading.Lock()
+        self._broker: Broker | None = None
+        self._backend: ResultBackend | None = None
+        self._pid = os.getpid()
+        _current = weakref.ref(self)
+
+    def __repr__(self) -> str:
+        return f"<App {self.main or '__main__'}: {self.conf!r}>"
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _check_fork(self) -> None:
+        # A forked child must not share the parent's sockets or SQLite handles: drop them
+        # (without closing: closing would act on the parent's) and reconnect on first use.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._broker = None
+            self._backend = None
+
+    @property
+    def broker(self) -> Broker:
+        self._check_fork()
+        if self._broker is None:
+            with self._lock:
+                if self._broker is None:
+                    self._broker = create_broker(self.conf.broker_url, self.conf)
+        return self._broker
+
+    @property
+    def backend(self) -> ResultBackend:
+        self._check_fork()
+        if self._backend is None:
+            with self._lock:
+                if self._backend is None:
+                    url = self.conf.effective_result_backend
+                    if url == self.conf.broker_url and url.startswith("memory:"):
+                        # memory:// for both: one process, so one shared in-process store.
+                        pass
+                    self._backend = create_backend(url, self.conf)
+        return self._backend
+
+    def close(self) -> None:
+        """Close the broker and backend connections of this process."""
+        with self._lock:
+            broker, backend = self._broker, self._backend
+            self._broker = self._backend = None
+        if broker is not None:
+            broker.close()
+        if backend is not None:
+            backend.close()
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(self, *, bind: Literal[True], name: str | None = ..., **options: Any
+             ) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
+
+    @overload
+    def task(self, *, bind: Literal[False] = ..., name: str | None = ..., **options: Any
+             ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        """Register a function as a task: ``@app.task`` or ``@app.task(queue="low", ...)``."""
+        from .task import Task, TaskOptions
+
+        def register(func: Callable[..., Any]) -> Task[Any, Any]:
+            opts = TaskOptions.from_decorator(options)
+            name = opts.name or self.task_name_for(func)
+            task: Task[Any, Any] = Task(self, func, name, opts)
+            self.tasks[name] = task
+            return task
+
+        return register(fn) if fn is not None else register
+
+    def task_name_for(self, func: Callable[..., Any]) -> str:
+        module = func.__module__
+        if module == "__main__" and self.main:
+            module = self.main
+        return f"{module}.{func.__qualname__}"
+
+    def route(self, task_name: str, queue: str | None = None) -> str:
+        """The queue for a task: explicit, else the first matching ``task_routes`` glob, else
+        the task's decorator queue, else ``default_queue``."""
+        if queue:
+            return queue
+        for pattern, routed in self.conf.task_routes.items():
+            if fnmatch.fnmatchcase(task_name, pattern):
+                return routed
+        task = self.tasks.get(task_name)
+        if task is not None and task.options.queue:
+            return task.options.queue
+        return self.conf.default_queue
+
+    def known_queues(self) -> list[str]:
+        """Every queue this app names: the default, task decorators and routes."""
+        queues = [self.conf.default_queue]
+        queues += [t.options.queue for t in self.tasks.values() if t.options.queue]
+        queues += list(self.conf.task_routes.values())
+        return list(dict.fromkeys(queues))
+
+    def get_task(self, name: str) -> Task[Any, Any]:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            msg = f"unknown task {name!r}: no @app.task registered it in this process (is its module imported?)"
+            raise NotRegistered(msg) from None
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def send_task(self, name: str, args: Sequence[Any] | None = None,
+                  kwargs: Mapping[str, Any] | None = None, **options: Any) -> AsyncResult[Any]:
+        """Send a task by name, without its function: ``app.send_task("tasks.add", [1, 2])``."""
+        return self._send(name, list(args or ()), dict(kwargs or {}), options)
+
+    def build_message(self, name: str, args: list[Any], kwargs: dict[str, Any],
+                      options: Mapping[str, Any]) -> tuple[str, Message, float]:
+        """The queue, the message and its delay in seconds for one call of a task."""
+        known = {
+            "queue", "countdown", "eta", "expires", "priority", "task_id", "link", "link_error",
+            "headers", "ignore_result", "time_limit", "soft_time_limit", "serializer", "retries",
+            "parent_id", "root_id", "group_id", "group_index", "chain", "chord", "shadow",
+        }
+        unknown = set(options) - known
+        if unknown:
+            msg = f"unknown apply_async option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+            raise TypeError(msg)
+        task = self.tasks.get(name)
+        topts = task.options if task is not None else None
+        task_id = str(options.get("task_id") or uuid.uuid4())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        delay_s, eta = _delay_and_eta(options.get("countdown"), options.get("eta"), now)
+        expires = options.get("expires", topts.expires if topts else None)
+        if isinstance(expires, int | float):
+            expires = now + datetime.timedelta(seconds=float(expires))
+        priority = options.get("priority")
+        if priority is None:
+            priority = topts.priority if topts and topts.priority is not None else self.conf.task_default_priority
+        if not 0 <= int(priority) <= 9:
+            msg = f"priority must be 0-9 (9 most urgent); got {priority!r}"
+            raise ValueError(msg)
+        hard = options.get("time_limit", topts.time_limit if topts else None)
+        soft = options.get("soft_time_limit", topts.soft_time_limit if topts else None)
+        ignore_result = options.get("ignore_result")
+        if ignore_result is None:
+            ignore_result = topts.ignore_result if topts else False
+        headers = TaskHeaders(
+            **dict(options.get("headers") or {}),
+            task=name,
+            id=task_id,
+            shadow=options.get("shadow"),
+            eta=utc_isoformat(eta) if eta else None,
+            expires=utc_isoformat(expires) if isinstance(expires, datetime.datetime) else None,
+            group=options.get("group_id"),
+            group_index=options.get("group_index"),
+            retries=int(options.get("retries") or 0),
+            timelimit=(hard, soft),
+            root_id=options.get("root_id") or task_id,
+            parent_id=options.get("parent_id"),
+            argsrepr=_short_repr(args),
+            kwargsrepr=_short_repr(kwargs),
+            origin=ORIGIN,
+            ignore_result=bool(ignore_result),
+        )
+        message = Message(
+            headers=headers,
+            properties=TaskProperties(correlation_id=task_id, priority=int(priority)),
+            args=args,
+            kwargs=kwargs,
+            embed=Embed(
+                callbacks=_signature_dicts(options.get("link")),
+                errbacks=_signature_dicts(options.get("link_error")),
+                chain=options.get("chain"),
+                chord=options.get("chord"),
+            ),
+        )
+        return self.route(name, options.get("queue")), message, delay_s
+
+    def _serializer_for(self, name: str, options: Mapping[str, Any]) -> str:
+        task = self.tasks.get(name)
+        chosen = options.get("serializer") or (task.options.serializer if task else None)
+        return str(chosen or self.conf.task_serializer)
+
+    def _send(self, name: str, args: list[Any], kwargs: dict[str, Any],
+              options: Mapping[str, Any]) -> AsyncResult[Any]:
+        queue, message, delay_s = self.build_message(name, args, kwargs, options)
+        envelope = message.to_envelope(self._serializer_for(name, options))
+        self.broker.publish(queue, envelope, delay_s=delay_s, priority=message.priority)
+        return AsyncResult(message.id, self, task_name=name)
+
+    def send_many(self, calls: Iterable[tuple[str, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]]
+                  ) -> list[AsyncResult[Any]]:
+        """Send many tasks in one broker round trip where the broker allows:
+        ``app.send_many([("tasks.add", (1, 2), {}, {"queue": "q"}), ...])``."""
+        outgoing: list[OutgoingMessage] = []
+        results: list[AsyncResult[Any]] = []
+        for name, args, kwargs, options in calls:
+            queue, message, delay_s = self.build_message(name, list(args), dict(kwargs), options)
+            envelope = message.to_envelope(self._serializer_for(name, options))
+            outgoing.append(OutgoingMessage(queue, envelope, delay_s, message.priority))
+            results.append(AsyncResult(message.id, self, task_name=name))
+        if outgoing:
+            self.broker.publish_many(outgoing)
+        return results
+
+    # -- results and control -----------------------------------------------------------------
+
+    def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
+        return AsyncResult(task_id, self)
+
+    def control_revoke(self, task_id: str, *, terminate: bool = False) -> None:
+        """Revoke durably: stored in the result backend, so any worker, also one started
+        later, skips the task; ``terminate=True`` also stops it if it runs."""
+        ttl_s = self.conf.result_expires or REVOKE_TTL_S
+        self.backend.put(f"revoked-{task_id}", {"task_id": task_id, "terminate": terminate}, ttl_s=ttl_s)
+
+    def is_revoked(self, task_id: str) -> bool:
+        return self.backend.get(f"revoked-{task_id}") is not None
+
+    def signature(self, name: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                  **options: Any) -> Signature:
+        from .canvas import Signature
+
+        return Signature(name, args, kwargs, options, app=self)
+
+    # -- RQ-style calls of plain functions ---------------------------------------------------
+
+    def enqueue(self, func: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
+        """Run any module-level function on a worker, RQ style: ``app.enqueue(sum, [42, 43])``.
+
+        The worker runs it only if its dotted path matches the ``enqueue_allow`` setting.
+        """
+        return self.enqueue_call(func, args=args, kwargs=kwargs)
+
+    def enqueue_call(self, func: Callable[..., Any] | str, args: Sequence[Any] = (),
+                     kwargs: Mapping[str, Any] | None = None, **options: Any) -> AsyncResult[Any]:
+        from .enqueue import dotted_path
+
+        return self.send_task(dotted_path(func), args, kwargs, **options)
+
+
+def _delay_and_eta(countdown: float | None, eta: datetime.datetime | None,
+                   now: datetime.datetime) -> tuple[float, datetime.datetime | None]:
+    if countdown is not None and eta is not None:
+        msg = "give countdown or eta, not both"
+        raise TypeError(msg)
+    if countdown is not None:
+        countdown = float(countdown)
+        return max(0.0, countdown), (now + datetime.timedelta(seconds=countdown) if countdown > 0 else None)
+    if eta is not None:
+        if not isinstance(eta, datetime.datetime):
+            msg = f"eta must be a datetime; got {type(eta).__name__}"
+            raise TypeError(msg)
+        if eta.tzinfo is None:
+            eta = eta.replace(tzinfo=datetime.timezone.utc)
+        return max(0.0, (eta - now).total_seconds()), eta
+    return 0.0, None
+
+
+def _short_repr(value: Any, limit: int = 1024) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _signature_dicts(value: Any) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    from .canvas import Signature
+
+    items = value if isinstance(value, list | tuple) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, Signature):
+            out.append(item.to_dict())
+        elif isinstance(item, dict):
+            out.append(dict(item))
+        else:
+            msg = f"link/link_error take signatures (task.s(...)); got {type(item).__name__}"
+            raise TypeError(msg)
+    return out

@@ -1,0 +1,218 @@
+"""The broker interface that every module in ``taskframe.brokers`` implements.
+
+A broker is only a transport of :class:`Envelope` objects between named queues; the App owns
+tasks, settings and serialization. Every adapter gives the same guarantees, proved by
+``tests/conformance/test_broker.py``:
+
+- publishing creates the queue if needed, and published messages are durable where the
+  broker has the notion;
+- a message is removed only by :meth:`Consumer.ack`; a delivery that is neither acked nor
+  renewed comes back after ``visibility_timeout`` seconds (a lease);
+- each delivery counts; a message delivered more than ``max_deliveries`` times goes to the
+  queue's dead-letter store instead of to a consumer;
+- ``delay_s`` is held by the broker, never by a consumer's memory;
+- priority 0-9, 9 most urgent, where ``supports_priority`` is true.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from .exceptions import MessageError
+
+#: The lowest and highest priority; 9 is the most urgent, on every broker.
+MIN_PRIORITY, MAX_PRIORITY = 0, 9
+#: Priority of a message published without one: the middle, so users can go either way.
+DEFAULT_PRIORITY = 4
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What a broker carries: a serialized body plus headers and properties, framed as AMQP does.
+
+    Brokers that store one blob per message use :meth:`to_bytes` / :meth:`from_bytes`, which
+    write the JSON envelope kombu's virtual transports use, so the layout stays familiar.
+    """
+
+    body: bytes
+    headers: Mapping[str, Any]
+    properties: Mapping[str, Any] = field(default_factory=dict)
+    content_type: str = "application/json"
+    content_encoding: str = "utf-8"
+
+    @property
+    def task_id(self) -> str | None:
+        """The task id, where the headers carry one (protocol v2) or the properties do."""
+        task_id = self.headers.get("id") or self.properties.get("correlation_id")
+        return str(task_id) if task_id else None
+
+    def to_bytes(self) -> bytes:
+        if self.content_encoding == "binary":
+            body, body_encoding = base64.b64encode(self.body).decode("ascii"), "base64"
+        else:
+            body, body_encoding = self.body.decode(self.content_encoding), "identity"
+        return json.dumps(
+            {
+                "body": body,
+                "content-encoding": self.content_encoding,
+                "content-type": self.content_type,
+                "headers": dict(self.headers),
+                "properties": {**self.properties, "body_encoding": body_encoding},
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Envelope:
+        """Parse :meth:`to_bytes` output; raise :class:`MessageError` on anything else."""
+        try:
+            frame = json.loads(raw)
+            properties = dict(frame.get("properties") or {})
+            body_encoding = properties.pop("body_encoding", "identity")
+            encoding = frame.get("content-encoding", "utf-8")
+            text = frame["body"]
+            body = base64.b64decode(text) if body_encoding == "base64" else text.encode(encoding)
+            return cls(
+                body=body,
+                headers=dict(frame.get("headers") or {}),
+                properties=properties,
+                content_type=frame.get("content-type", "application/json"),
+                content_encoding=encoding,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            msg = f"not a taskframe envelope ({type(exc).__name__}: {exc}); first bytes: {raw[:60]!r}"
+            raise MessageError(msg) from exc
+
+
+@dataclass
+class Delivery:
+    """One received message, leased to the consumer that received it until acked or nacked.
+
+    Attributes:
+        envelope: the message; its ``body`` may be garbage if the producer was buggy.
+        queue: the queue it came from.
+        deliveries: how many times it has been delivered, this time included (1 = first).
+        tag: the adapter's own handle (a row id, a delivery tag, a receipt handle).
+    """
+
+    envelope: Envelope
+    queue: str
+    deliveries: int
+    tag: Any
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Message counts of one queue. ``reserved`` are leased to consumers and not yet acked."""
+
+    queue: str
+    ready: int
+    delayed: int
+    reserved: int
+    dead: int
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message in a queue's dead-letter store."""
+
+    id: str
+    task: str | None
+    queue: str
+    deliveries: int
+    reason: str
+    dead_at: float  # UNIX time
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One item of :meth:`Broker.publish_many`."""
+
+    queue: str
+    envelope: Envelope
+    delay_s: float = 0.0
+    priority: int = DEFAULT_PRIORITY
+
+
+@runtime_checkable
+class Consumer(Protocol):
+    """Receives from a fixed set of queues on behalf of one worker."""
+
+    def receive(self, timeout_s: float, *, max_messages: int = 1) -> list[Delivery]:
+        """Lease up to ``max_messages`` ready messages, most urgent first, queues in order.
+
+        Block at most ``timeout_s`` when nothing is ready, then return an empty list (an idle
+        tick lets the worker check for stop). Messages whose count would pass
+        ``max_deliveries`` go to the dead-letter store instead and are not returned.
+        """
+        ...
+
+    def ack(self, delivery: Delivery) -> None:
+        """Remove the message for good. Must be idempotent (a redelivered copy may exist)."""
+        ...
+
+    def nack(self, delivery: Delivery, *, requeue: bool, reason: str = "", delay_s: float = 0.0) -> None:
+        """Give the message back: ``requeue=True`` makes it ready again (after ``delay_s``);
+        ``requeue=False`` moves it to the dead-letter store with ``reason``."""
+        ...
+
+    def renew(self, deliveries: Sequence[Delivery]) -> None:
+        """Extend the lease of each delivery to ``visibility_timeout`` seconds from now.
+
+        May be called from another thread than :meth:`receive`; an adapter whose client is
+        not thread-safe must hand the call to its own thread.
+        """
+        ...
+
+    def close(self) -> None:
+        """Stop receiving. Unacked deliveries come back when their lease ends."""
+        ...
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """A transport of envelopes between named queues.
+
+    Adapters are built by the registry as ``BrokerClass(url, conf)`` where ``conf`` is the
+    App's :class:`taskframe.settings.Settings`; they read ``visibility_timeout``,
+    ``max_deliveries``, ``broker_connect_timeout`` and ``broker_options`` from it.
+    A broker object must survive ``os.fork()``: a child process reconnects on first use.
+    """
+
+    #: True when priority orders delivery on this broker.
+    supports_priority: ClassVar[bool]
+
+    def publish(self, queue: str, envelope: Envelope, *, delay_s: float = 0.0,
+                priority: int = DEFAULT_PRIORITY) -> None:
+        """Store the message durably before returning; it becomes ready after ``delay_s``."""
+        ...
+
+    def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Publish several messages, as one round trip where the broker allows."""
+        ...
+
+    def consumer(self, queues: Sequence[str], *, prefetch: int) -> Consumer:
+        """A consumer of ``queues`` (earlier queues first on ties) holding at most ``prefetch``
+        unacked deliveries where the broker enforces it."""
+        ...
+
+    def stats(self, queue: str) -> QueueStats: ...
+
+    def purge(self, queue: str) -> int:
+        """Delete the ready and delayed messages of ``queue``; return how many."""
+        ...
+
+    def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]: ...
+
+    def requeue_dead(self, queue: str) -> int:
+        """Move every dead letter of ``queue`` back to it, with a fresh delivery count."""
+        ...
+
+    def purge_dead(self, queue: str) -> int: ...
+
+    def close(self) -> None: ...

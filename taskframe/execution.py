@@ -1,0 +1,306 @@
+"""Running one message: decode, check, call the task, store the outcome, send what follows.
+
+This is the part of the worker every pool shares (inline, in a thread, or in a prefork
+child). It never talks to the consumer: it returns an :class:`Outcome` that the worker's
+main loop turns into an ack or a nack, so all consumer calls stay on one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import socket
+import time
+import traceback as traceback_module
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from . import states
+from .broker import Envelope
+from .canvas import Signature
+from .enqueue import resolve_enqueued
+from .exceptions import ChordError, MessageError, NotRegistered, Retry, TaskframeError
+from .message import Message, parse_isoformat
+from .result import encode_exception
+from .settings import mask_url
+from .task import Request, current_request
+
+if TYPE_CHECKING:
+    from .app import App
+    from .task import Task
+
+log = logging.getLogger("taskframe.worker")
+
+#: A message that arrives this many seconds before its ETA is put back until it is due
+#: (the broker normally holds it; Celery producers may send ETAs without a broker delay).
+EARLY_ETA_TOLERANCE_S = 0.5
+
+#: Wraps a task call with its (hard, soft) time limits in seconds; pools supply it.
+LimitGuard = Callable[[float | None, float | None], contextlib.AbstractContextManager[None]]
+
+
+@contextlib.contextmanager
+def no_limits(hard_s: float | None, soft_s: float | None) -> Iterator[None]:
+    yield
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the worker does with the delivery once the message was handled."""
+
+    action: Literal["ack", "requeue", "dead"]
+    task_id: str | None = None
+    task_name: str | None = None
+    state: str | None = None
+    reason: str = ""
+    delay_s: float = 0.0
+
+
+def utcnow_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+def store_state(app: App, task_id: str, state: str, result: Any, *, request: Request | None = None,
+                traceback: str | None = None, children: list[str] | None = None) -> None:
+    """Write a task's record in Celery's layout (plus extended fields when enabled)."""
+    record: dict[str, Any] = {
+        "task_id": task_id,
+        "status": state,
+        "result": result,
+        "traceback": traceback,
+        "children": children or [],
+        "date_done": utcnow_iso() if state in states.READY_STATES else None,
+    }
+    if app.conf.result_extended and request is not None:
+        record.update(name=request.task, args=request.args, kwargs=request.kwargs,
+                      worker=request.hostname, retries=request.retries,
+                      queue=request.delivery_info.get("queue"))
+    app.backend.store(task_id, record, ttl_s=app.conf.result_expires)
+
+
+class Executor:
+    """Handles messages for one process; create one per process (prefork child, or worker)."""
+
+    def __init__(self, app: App, hostname: str | None = None, limit_guard: LimitGuard = no_limits) -> None:
+        self.app = app
+        self.hostname = hostname or f"{os.getpid()}@{socket.gethostname()}"
+        self.limit_guard = limit_guard
+
+    def execute(self, envelope: Envelope, queue: str, deliveries: int = 1) -> Outcome:
+        try:
+            message = Message.from_envelope(envelope, self.app.conf.accept_content)
+        except MessageError as exc:
+            return self._reject_unreadable(envelope, exc)
+        task = self._find_task(message)
+        if task is None:
+            reason = self._unknown_task_reason(message.task)
+            log.error("Received unregistered task %s[%s]: %s; moved to dead letters", message.task, message.id, reason)
+            self._store_failure(message.id, NotRegistered(reason), None)
+            return Outcome("dead", message.id, message.task, states.FAILURE, reason)
+        skip = self._skip_reason(message)
+        if skip is not None:
+            return skip
+        early_s = self._seconds_early(message)
+        if early_s > EARLY_ETA_TOLERANCE_S:
+            self.app.broker.publish(queue, envelope, delay_s=early_s, priority=message.priority)
+            return Outcome("ack", message.id, message.task, states.PENDING, "not due yet: sent back to the broker")
+        return self._run(task, message, queue, deliveries)
+
+    # -- checks before running ---------------------------------------------------------------
+
+    def _reject_unreadable(self, envelope: Envelope, exc: MessageError) -> Outcome:
+        task_id = envelope.task_id
+        log.error("Received unreadable message %s: %s; moved to dead letters", task_id or "(no id)", exc)
+        if task_id:
+            self._store_failure(task_id, exc, None)
+        return Outcome("dead", task_id, envelope.headers.get("task"), states.FAILURE, str(exc))
+
+    def _find_task(self, message: Message) -> Task[Any, Any] | None:
+        task = self.app.tasks.get(message.task)
+        if task is None:
+            task = resolve_enqueued(self.app, message.task)
+        return task
+
+    def _unknown_task_reason(self, name: str) -> str:
+        allow = self.app.conf.enqueue_allow
+        return (
+            f"unknown task {name!r}: no @app.task registered it in this worker, and its path does not "
+            f"match the enqueue_allow setting {allow!r} (import the module that defines it with -A or "
+            "the imports setting, or add a glob pattern to enqueue_allow to run plain functions by path)"
+        )
+
+    def _skip_reason(self, message: Message) -> Outcome | None:
+        revoked = self.app.backend.get(f"revoked-{message.id}")
+        if revoked is not None:
+            reason = "revoked"
+        elif message.headers.expires and parse_isoformat(message.headers.expires) < _now():
+            reason = f"expired at {message.headers.expires}"
+        else:
+            return None
+        log.info("Discarding %s task %s[%s]", reason, message.task, message.id)
+        error = {"exc_type": "TaskRevokedError", "exc_module": "taskframe.exceptions", "exc_message": [reason]}
+        store_state(self.app, message.id, states.REVOKED, error)
+        return Outcome("ack", message.id, message.task, states.REVOKED, reason)
+
+    def _seconds_early(self, message: Message) -> float:
+        if not message.headers.eta:
+            return 0.0
+        return (parse_isoformat(message.headers.eta) - _now()).total_seconds()
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _request(self, message: Message, queue: str, deliveries: int) -> Request:
+        h = message.headers
+        return Request(
+            id=h.id, task=h.task, args=message.args, kwargs=message.kwargs, retries=h.retries,
+            root_id=h.root_id, parent_id=h.parent_id, group=h.group, eta=h.eta, expires=h.expires,
+            delivery_info={"queue": queue, "deliveries": deliveries, "priority": message.priority},
+            hostname=self.hostname, timelimit=h.timelimit, headers=h.model_dump(),
+            embed=message.embed.model_dump(),
+        )
+
+    def _run(self, task: Task[Any, Any], message: Message, queue: str, deliveries: int) -> Outcome:
+        request = self._request(message, queue, deliveries)
+        store_results = not (message.headers.ignore_result or task.options.ignore_result)
+        track = task.options.track_started
+        if track if track is not None else self.app.conf.task_track_started:
+            store_state(self.app, message.id, states.STARTED,
+                        {"pid": os.getpid(), "hostname": self.hostname}, request=request)
+        hard_s, soft_s = message.headers.timelimit
+        hard_s = hard_s or self.app.conf.task_time_limit
+        soft_s = soft_s or self.app.conf.task_soft_time_limit
+        token = current_request.set(request)
+        started = time.perf_counter()
+        try:
+            with self.limit_guard(hard_s, soft_s):
+                value = task.run_with(message.args, message.kwargs)
+        except Retry as retry:
+            return self._on_retry(task, message, request, retry, store_results)
+        except Exception as exc:
+            retry_outcome = self._autoretry(task, message, request, exc, store_results)
+            if retry_outcome is not None:
+                return retry_outcome
+            return self._on_failure(task, message, request, exc, time.perf_counter() - started)
+        finally:
+            current_request.reset(token)
+        runtime_s = time.perf_counter() - started
+        if store_results:
+            store_state(self.app, message.id, states.SUCCESS, value, request=request)
+        log.info("Task %s[%s] succeeded in %.4fs: %s", message.task, message.id, runtime_s, _short(value))
+        self._after_success(message, value)
+        return Outcome("ack", message.id, message.task, states.SUCCESS)
+
+    def _autoretry(self, task: Task[Any, Any], message: Message, request: Request, exc: Exception,
+                   store_results: bool) -> Outcome | None:
+        if not (task.options.autoretry_for and isinstance(exc, task.options.autoretry_for)):
+            return None
+        token = current_request.set(request)
+        try:
+            retry = task.retry(exc=exc)
+        except Exception:  # retries exhausted: task.retry re-raised the original exception
+            return None
+        finally:
+            current_request.reset(token)
+        return self._on_retry(task, message, request, retry, store_results)
+
+    def _on_retry(self, task: Task[Any, Any], message: Message, request: Request, retry: Retry,
+                  store_results: bool) -> Outcome:
+        reason = retry.exc if retry.exc is not None else retry
+        if store_results:
+            store_state(self.app, message.id, states.RETRY, encode_exception(reason),
+                        request=request, traceback=_format_traceback(retry.exc))
+        log.info("Task %s[%s] retry: %s: %r", message.task, message.id, retry, retry.exc)
+        return Outcome("ack", message.id, message.task, states.RETRY)
+
+    def _on_failure(self, task: Task[Any, Any], message: Message, request: Request, exc: Exception,
+                    runtime_s: float) -> Outcome:
+        text = _format_traceback(exc)
+        if not (message.headers.ignore_result or task.options.ignore_result):
+            store_state(self.app, message.id, states.FAILURE, encode_exception(exc), request=request, traceback=text)
+        log.error("Task %s[%s] raised unexpected: %r (after %.4fs)", message.task, message.id, exc, runtime_s)
+        for errback in message.embed.errbacks or []:
+            self._send_follow_up(Signature.from_dict(errback, self.app), message, (message.id,))
+        if message.embed.chord:
+            self._count_chord_member(message)
+        return Outcome("ack", message.id, message.task, states.FAILURE, f"{type(exc).__name__}: {exc}")
+
+    def _store_failure(self, task_id: str, exc: BaseException, traceback: str | None) -> None:
+        try:
+            store_state(self.app, task_id, states.FAILURE, encode_exception(exc), traceback=traceback)
+        except TaskframeError as store_exc:  # the message still goes to dead letters
+            log.error("could not store the failure of %s: %s", task_id, mask_url(str(store_exc)))
+
+    # -- what follows a success --------------------------------------------------------------
+
+    def _after_success(self, message: Message, value: Any) -> None:
+        for callback in message.embed.callbacks or []:
+            self._send_follow_up(Signature.from_dict(callback, self.app), message, (value,))
+        if message.embed.chain:
+            *rest, next_step = message.embed.chain
+            options = {"chain": rest} if rest else {}
+            self._send_follow_up(Signature.from_dict(next_step, self.app), message, (value,), **options)
+        if message.embed.chord:
+            self._count_chord_member(message)
+
+    def _send_follow_up(self, sig: Signature, parent: Message, args: tuple[Any, ...], **options: Any) -> None:
+        sig.apply_async(args, parent_id=parent.id, root_id=parent.headers.root_id or parent.id, **options)
+
+    def _count_chord_member(self, message: Message) -> None:
+        """Count one finished header task; the one that completes the count sends the body.
+
+        A redelivered header task counts twice, so the count alone cannot decide: the body is
+        sent once every member is ready, and a second counter lets only one sender through.
+        """
+        spec = message.embed.chord or {}
+        group_id, size = str(spec["group_id"]), int(spec["chord_size"])
+        ttl_s = self.app.conf.result_expires
+        backend = self.app.backend
+        if backend.incr(f"chord-counter-{group_id}", ttl_s=ttl_s) < size:
+            return
+        meta = backend.get(f"group-meta-{group_id}")
+        if meta is None:
+            log.error("chord %s: its group metadata is gone (expired?); the body cannot run", group_id)
+            return
+        records = [backend.fetch(str(member)) for member in meta["results"]]
+        if not all(r is not None and r.get("status") in states.READY_STATES for r in records):
+            return
+        if backend.incr(f"chord-fired-{group_id}", ttl_s=ttl_s) != 1:
+            return
+        body = Signature.from_dict(spec["body"], self.app)
+        failed = [(m, r) for m, r in zip(meta["results"], records, strict=True)
+                  if r is not None and r.get("status") != states.SUCCESS]
+        if failed:
+            self._fail_chord(body, message, failed[0][0], failed[0][1])
+            return
+        values = [r.get("result") if r else None for r in records]
+        self._send_follow_up(body, message, (values,))
+
+    def _fail_chord(self, body: Signature, message: Message, member_id: str, record: Any) -> None:
+        error = record.get("result") or {}
+        detail = f"{error.get('exc_type', 'Error')}({', '.join(map(repr, error.get('exc_message') or []))})"
+        reason = f"Dependency {member_id} raised {detail}"
+        body_id = str(body.options.get("task_id") or "")
+        log.error("chord body %s[%s] will not run: %s", body.task, body_id, reason)
+        if body_id:
+            store_state(self.app, body_id, states.FAILURE, encode_exception(ChordError("ChordError", reason)))
+        for errback in body.options.get("link_error") or []:
+            sig = errback if isinstance(errback, Signature) else Signature.from_dict(errback, self.app)
+            self._send_follow_up(sig, message, (body_id,))
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _format_traceback(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return None
+    return "".join(traceback_module.format_exception(type(exc), exc, exc.__traceback__))
