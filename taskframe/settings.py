@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -113,8 +114,9 @@ def describe_validation_error(exc: ValidationError) -> str:
     for error in exc.errors():
         key = ".".join(str(p) for p in error["loc"]) or "settings"
         if error["type"] == "extra_forbidden":
-            known = ", ".join(sorted(Settings.model_fields))
-            parts.append(f"unknown setting {key!r} (known: {known})")
+            close = difflib.get_close_matches(key, list(Settings.model_fields), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            parts.append(f"unknown setting {key!r}; {hint}known: {', '.join(sorted(Settings.model_fields))}")
         else:
             shown = mask_url(repr(error.get("input")))
             parts.append(f"setting {key!r}: {error['msg']} (got {shown})")

@@ -1,0 +1,42 @@
+# One entry point for people and CI: `make demo`, `make test` (.ci/run calls it), `make bench`, `make docs`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint typecheck unit docs bench services clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Re-install whenever pyproject.toml changes (its extras are what tests and demo need).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python examples/run_demo.py
+
+services:
+	bash scripts/start-services.sh
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy --strict taskframe brokers backends
+
+docs: $(VENV)/.installed
+	$(BIN)/mkdocs build --strict -d site
+
+unit: $(VENV)/.installed
+	$(BIN)/pytest
+
+test: $(VENV)/.installed services lint typecheck docs unit
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) site build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,253 @@
+"""Behaviour through a real worker running in this process (taskframe.testing.start_worker)
+on the in-memory broker and backend: results, errors, canvas, retries, bad input."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from taskframe import App, chain, chord, group
+from taskframe.broker import Envelope
+from taskframe.exceptions import (
+    ChordError,
+    NotRegistered,
+    SoftTimeLimitExceeded,
+    TaskError,
+    TaskRevokedError,
+    TimeoutError,
+)
+from taskframe.testing import start_worker
+
+
+class CustomError(Exception):
+    pass
+
+
+@pytest.fixture
+def app() -> Iterator[App]:
+    app = App("inproc", broker="memory://", backend="memory://", enqueue_allow=["builtins.sum"])
+    calls: list[Any] = []
+    app.calls = calls  # type: ignore[attr-defined]
+
+    @app.task(name="t.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="t.tsum")
+    def tsum(values: list[int]) -> int:
+        return sum(values)
+
+    @app.task(name="t.fail")
+    def fail(message: str = "boom") -> None:
+        raise CustomError(message)
+
+    @app.task(name="t.record")
+    def record(*args: Any) -> None:
+        calls.append(args)
+
+    @app.task(name="t.flaky", bind=True, max_retries=3, default_retry_delay=0.05)
+    def flaky(self: Any, succeed_on: int) -> int:
+        if self.request.retries < succeed_on:
+            raise self.retry(exc=ConnectionError(f"attempt {self.request.retries}"))
+        return int(self.request.retries)
+
+    @app.task(name="t.auto", autoretry_for=(ConnectionError,), max_retries=2, retry_backoff=0.01)
+    def auto() -> None:
+        calls.append("auto")
+        raise ConnectionError("still down")
+
+    @app.task(name="t.progress", bind=True)
+    def progress(self: Any, release: float) -> str:
+        self.update_state(state="PROGRESS", meta={"done": 1, "total": 2})
+        time.sleep(release)
+        return "done"
+
+    @app.task(name="t.slow", soft_time_limit=0.2)
+    def slow() -> str:
+        try:
+            # Short sleeps: in the threads pool the limit lands between bytecodes, not in C.
+            for _ in range(100):
+                time.sleep(0.05)
+        except SoftTimeLimitExceeded:
+            return "cleaned up"
+        return "never"
+
+    @app.task(name="t.quiet", ignore_result=True)
+    def quiet() -> None:
+        calls.append("quiet")
+
+    yield app
+    app.close()
+
+
+def test_result_and_states(app: App) -> None:
+    with start_worker(app):
+        result = app.tasks["t.add"].delay(4, 4)
+        assert result.get(timeout=5) == 8
+        assert result.state == "SUCCESS" and result.status == "SUCCESS"
+        assert result.ready() and result.successful() and not result.failed()
+        assert isinstance(result.date_done, datetime.datetime)
+        assert result.traceback is None
+
+
+def test_failure_reraises_the_tasks_own_exception(app: App) -> None:
+    with start_worker(app):
+        result = app.tasks["t.fail"].delay("broken")
+        with pytest.raises(CustomError, match="broken"):
+            result.get(timeout=5)
+        assert result.failed() and result.state == "FAILURE"
+        assert "CustomError: broken" in (result.traceback or "")
+        assert isinstance(result.result, CustomError)
+        assert isinstance(result.get(timeout=1, propagate=False), CustomError)
+
+
+def test_unimportable_exception_becomes_task_error(app: App) -> None:
+    record = {"task_id": "x1", "status": "FAILURE", "traceback": "Traceback...\nGone: away",
+              "result": {"exc_type": "Gone", "exc_module": "no_such_module", "exc_message": ["away"]},
+              "children": [], "date_done": None}
+    app.backend.store("x1", record, ttl_s=None)
+    with pytest.raises(TaskError) as info:
+        app.AsyncResult("x1").get(timeout=1)
+    assert info.value.exc_type == "no_such_module.Gone"
+    assert info.value.exc_message == "away"
+    assert info.value.traceback == "Traceback...\nGone: away"
+
+
+def test_get_times_out_with_taskframes_timeout_error(app: App) -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not finish within 0.3s"):
+        app.tasks["t.add"].delay(1, 1).get(timeout=0.3)
+    assert 0.25 < time.monotonic() - started < 2
+
+
+def test_wrong_arguments_sent_by_name_fail_with_type_error(app: App) -> None:
+    with start_worker(app):
+        result = app.send_task("t.add", args=[1])
+        with pytest.raises(TypeError, match="missing a required argument"):
+            result.get(timeout=5)
+        assert app.tasks["t.add"].delay(1, 2).get(timeout=5) == 3  # the worker kept going
+
+
+def test_chain_passes_each_result_on(app: App) -> None:
+    add = app.tasks["t.add"]
+    with start_worker(app):
+        result = (add.s(4, 4) | add.s(8)).delay()
+        assert result.get(timeout=5) == 16
+        assert result.parent is not None and result.parent.get(timeout=5) == 8
+        assert chain(add.s(1, 1), add.si(5, 5), add.s(1)).delay().get(timeout=5) == 11
+
+
+def test_group_and_chord(app: App) -> None:
+    add, tsum = app.tasks["t.add"], app.tasks["t.tsum"]
+    with start_worker(app, concurrency=2):
+        gres = group(add.s(i, i) for i in range(10)).delay()
+        assert gres.get(timeout=10) == [i + i for i in range(10)]
+        assert gres.completed_count() == 10
+        assert chord((add.s(i, i) for i in range(5)), tsum.s()).delay().get(timeout=10) == 20
+        assert chord([add.s(1, 2)])(tsum.s()).get(timeout=10) == 3
+
+
+def test_chord_header_failure_is_a_chord_error(app: App) -> None:
+    add, tsum, fail = app.tasks["t.add"], app.tasks["t.tsum"], app.tasks["t.fail"]
+    with start_worker(app):
+        result = chord([add.s(1, 1), fail.s("header broke")], tsum.s()).delay()
+        with pytest.raises(ChordError, match="header broke"):
+            result.get(timeout=10)
+
+
+def test_retry_keeps_the_id_and_counts(app: App) -> None:
+    with start_worker(app):
+        result = app.tasks["t.flaky"].delay(2)
+        assert result.get(timeout=10) == 2
+
+
+def test_retries_exhausted_fail_with_the_original_exception(app: App) -> None:
+    with start_worker(app):
+        result = app.tasks["t.auto"].delay()
+        with pytest.raises(ConnectionError, match="still down"):
+            result.get(timeout=10)
+    assert app.calls.count("auto") == 3  # type: ignore[attr-defined]  # first run + max_retries=2
+
+
+def test_links_get_the_result_or_the_failed_id(app: App) -> None:
+    add, fail, rec = app.tasks["t.add"], app.tasks["t.fail"], app.tasks["t.record"]
+    with start_worker(app):
+        add.apply_async((2, 2), link=rec.s("ok")).get(timeout=5)
+        failed = fail.apply_async(link_error=rec.s())
+        with pytest.raises(CustomError):
+            failed.get(timeout=5)
+        deadline = time.monotonic() + 5
+        while len(app.calls) < 2 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.02)
+    assert sorted(app.calls, key=repr) == sorted([(4, "ok"), (failed.id,)], key=repr)  # type: ignore[attr-defined]
+
+
+def test_custom_state_meta_is_the_result(app: App) -> None:
+    with start_worker(app):
+        result = app.tasks["t.progress"].delay(0.5)
+        deadline = time.monotonic() + 5
+        while result.state != "PROGRESS" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert result.state == "PROGRESS"
+        assert result.result == {"done": 1, "total": 2}
+        assert result.get(timeout=5) == "done"
+
+
+def test_soft_time_limit_raises_inside_the_task(app: App) -> None:
+    with start_worker(app):
+        assert app.tasks["t.slow"].delay().get(timeout=5) == "cleaned up"
+
+
+def test_revoked_and_expired_tasks_end_revoked(app: App) -> None:
+    add = app.tasks["t.add"]
+    revoked = add.delay(1, 1)
+    revoked.revoke()
+    expired = add.apply_async((1, 1), expires=0.01)
+    time.sleep(0.05)
+    with start_worker(app):
+        with pytest.raises(TaskRevokedError):
+            revoked.get(timeout=5)
+        with pytest.raises(TaskRevokedError, match="expired"):
+            expired.get(timeout=5)
+        assert revoked.state == "REVOKED" and expired.state == "REVOKED"
+
+
+def test_ignore_result_and_forget(app: App) -> None:
+    with start_worker(app):
+        quiet = app.tasks["t.quiet"].delay()
+        result = app.tasks["t.add"].delay(1, 1)
+        assert result.get(timeout=5) == 2
+        deadline = time.monotonic() + 5
+        while "quiet" not in app.calls and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.01)
+    assert quiet.state == "PENDING"
+    result.forget()
+    assert result.state == "PENDING"
+
+
+def test_unknown_task_and_garbage_are_dead_lettered_and_the_worker_goes_on(app: App) -> None:
+    broker = app.broker
+    with start_worker(app):
+        unknown = app.send_task("t.nope", args=[1])
+        broker.publish("celery", Envelope(body=b"\x00 not json", headers={"id": "garbage-1", "task": "t.add"}))
+        os_system = app.send_task("os.system", args=["echo pwned"])
+        with pytest.raises(NotRegistered, match="unknown task 't.nope'"):
+            unknown.get(timeout=5)
+        with pytest.raises(NotRegistered, match="enqueue_allow"):
+            os_system.get(timeout=5)
+        assert app.AsyncResult("garbage-1").state == "FAILURE"
+        assert app.tasks["t.add"].delay(2, 2).get(timeout=5) == 4
+    dead = broker.dead_letters("celery")
+    assert {d.task for d in dead} == {"t.nope", "t.add", "os.system"}
+    assert any("cannot decode" in d.reason for d in dead)
+
+
+def test_rq_style_enqueue_runs_allowed_paths(app: App) -> None:
+    with start_worker(app):
+        job = app.enqueue(sum, [42, 43])
+        assert job.get(timeout=5) == 85
+        assert job.result == 85
