@@ -25,7 +25,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)/.installed
-	$(BIN)/mypy --strict taskframe brokers backends
+	$(BIN)/mypy --strict taskframe brokers backends tests/typing
 
 docs: $(VENV)/.installed
 	$(BIN)/mkdocs build --strict -d site

@@ -18,8 +18,20 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     env.pop("TASKFRAME_BROKER_URL", None)
     env.pop("TASKFRAME_RESULT_BACKEND", None)
-    worker_cmd = [sys.executable, "-m", "taskframe", "worker", "-A", "tasks", "-Q", "celery,low-priority",
-                  "-c", "2", "-l", "warning"]
+    worker_cmd = [
+        sys.executable,
+        "-m",
+        "taskframe",
+        "worker",
+        "-A",
+        "tasks",
+        "-Q",
+        "celery,low-priority",
+        "-c",
+        "2",
+        "-l",
+        "warning",
+    ]
     print("$ taskframe worker -A tasks -Q celery,low-priority -c 2", flush=True)
     worker = subprocess.Popen(worker_cmd, cwd=HERE, env=env)
     failed = 0

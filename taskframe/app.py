@@ -9,9 +9,9 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, TypeVar, overload
 
-from typing_extensions import Concatenate, ParamSpec
+from typing_extensions import ParamSpec
 
 from .broker import Broker, OutgoingMessage
 from .exceptions import ConfigurationError, NotRegistered
@@ -35,6 +35,9 @@ ORIGIN = f"gen{os.getpid()}@{os.uname().nodename}"
 
 _current: weakref.ReferenceType[App] | None = None
 
+#: AsyncResult under a second name, for annotations inside App (whose method of that name shadows it).
+_Result = AsyncResult
+
 
 def current_app() -> App:
     """The most recently created App (what ``signature()`` and ``AsyncResult(id)`` use)."""
@@ -54,8 +57,14 @@ class App:
     (:class:`taskframe.settings.Settings`).
     """
 
-    def __init__(self, main: str | None = None, *, broker: str | None = None,
-                 backend: str | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        main: str | None = None,
+        *,
+        broker: str | None = None,
+        backend: str | None = None,
+        **settings: Any,
+    ) -> None:
         global _current
         self.main = main
         self.conf: Settings = load_settings({"broker": broker, "backend": backend, **settings})
@@ -117,22 +126,26 @@ class App:
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
     @overload
-    def task(self, *, bind: Literal[True], name: str | None = ..., **options: Any
-             ) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
+    def task(
+        self, *, bind: Literal[True], name: str | None = ..., **options: Any
+    ) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
 
     @overload
-    def task(self, *, bind: Literal[False] = ..., name: str | None = ..., **options: Any
-             ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+    def task(
+        self, *, bind: Literal[False] = ..., name: str | None = ..., **options: Any
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
-    def task(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    def task(
+        self, fn: Callable[..., Any] | None = None, *, bind: bool = False, name: str | None = None, **options: Any
+    ) -> Any:
         """Register a function as a task: ``@app.task`` or ``@app.task(queue="low", ...)``."""
         from .task import Task, TaskOptions
 
         def register(func: Callable[..., Any]) -> Task[Any, Any]:
-            opts = TaskOptions.from_decorator(options)
-            name = opts.name or self.task_name_for(func)
-            task: Task[Any, Any] = Task(self, func, name, opts)
-            self.tasks[name] = task
+            opts = TaskOptions.from_decorator({**options, "bind": bind, "name": name})
+            task_name = opts.name or self.task_name_for(func)
+            task: Task[Any, Any] = Task(self, func, task_name, opts)
+            self.tasks[task_name] = task
             return task
 
         return register(fn) if fn is not None else register
@@ -172,18 +185,42 @@ class App:
 
     # -- sending -----------------------------------------------------------------------------
 
-    def send_task(self, name: str, args: Sequence[Any] | None = None,
-                  kwargs: Mapping[str, Any] | None = None, **options: Any) -> AsyncResult[Any]:
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> _Result[Any]:
         """Send a task by name, without its function: ``app.send_task("tasks.add", [1, 2])``."""
         return self._send(name, list(args or ()), dict(kwargs or {}), options)
 
-    def build_message(self, name: str, args: list[Any], kwargs: dict[str, Any],
-                      options: Mapping[str, Any]) -> tuple[str, Message, float]:
+    def build_message(
+        self, name: str, args: list[Any], kwargs: dict[str, Any], options: Mapping[str, Any]
+    ) -> tuple[str, Message, float]:
         """The queue, the message and its delay in seconds for one call of a task."""
         known = {
-            "queue", "countdown", "eta", "expires", "priority", "task_id", "link", "link_error",
-            "headers", "ignore_result", "time_limit", "soft_time_limit", "serializer", "retries",
-            "parent_id", "root_id", "group_id", "group_index", "chain", "chord", "shadow",
+            "queue",
+            "countdown",
+            "eta",
+            "expires",
+            "priority",
+            "task_id",
+            "link",
+            "link_error",
+            "headers",
+            "ignore_result",
+            "time_limit",
+            "soft_time_limit",
+            "serializer",
+            "retries",
+            "parent_id",
+            "root_id",
+            "group_id",
+            "group_index",
+            "chain",
+            "chord",
+            "shadow",
         }
         unknown = set(options) - known
         if unknown:
@@ -245,19 +282,19 @@ class App:
         chosen = options.get("serializer") or (task.options.serializer if task else None)
         return str(chosen or self.conf.task_serializer)
 
-    def _send(self, name: str, args: list[Any], kwargs: dict[str, Any],
-              options: Mapping[str, Any]) -> AsyncResult[Any]:
+    def _send(self, name: str, args: list[Any], kwargs: dict[str, Any], options: Mapping[str, Any]) -> _Result[Any]:
         queue, message, delay_s = self.build_message(name, args, kwargs, options)
         envelope = message.to_envelope(self._serializer_for(name, options))
         self.broker.publish(queue, envelope, delay_s=delay_s, priority=message.priority)
         return AsyncResult(message.id, self, task_name=name)
 
-    def send_many(self, calls: Iterable[tuple[str, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]]
-                  ) -> list[AsyncResult[Any]]:
+    def send_many(
+        self, calls: Iterable[tuple[str, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]]
+    ) -> list[_Result[Any]]:
         """Send many tasks in one broker round trip where the broker allows:
         ``app.send_many([("tasks.add", (1, 2), {}, {"queue": "q"}), ...])``."""
         outgoing: list[OutgoingMessage] = []
-        results: list[AsyncResult[Any]] = []
+        results: list[_Result[Any]] = []
         for name, args, kwargs, options in calls:
             queue, message, delay_s = self.build_message(name, list(args), dict(kwargs), options)
             envelope = message.to_envelope(self._serializer_for(name, options))
@@ -269,7 +306,7 @@ class App:
 
     # -- results and control -----------------------------------------------------------------
 
-    def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
+    def AsyncResult(self, task_id: str) -> _Result[Any]:
         return AsyncResult(task_id, self)
 
     def control_revoke(self, task_id: str, *, terminate: bool = False) -> None:
@@ -281,30 +318,41 @@ class App:
     def is_revoked(self, task_id: str) -> bool:
         return self.backend.get(f"revoked-{task_id}") is not None
 
-    def signature(self, name: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-                  **options: Any) -> Signature:
+    def signature(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Signature:
         from .canvas import Signature
 
         return Signature(name, args, kwargs, options, app=self)
 
     # -- RQ-style calls of plain functions ---------------------------------------------------
 
-    def enqueue(self, func: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
+    def enqueue(self, func: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> _Result[Any]:
         """Run any module-level function on a worker, RQ style: ``app.enqueue(sum, [42, 43])``.
 
         The worker runs it only if its dotted path matches the ``enqueue_allow`` setting.
         """
         return self.enqueue_call(func, args=args, kwargs=kwargs)
 
-    def enqueue_call(self, func: Callable[..., Any] | str, args: Sequence[Any] = (),
-                     kwargs: Mapping[str, Any] | None = None, **options: Any) -> AsyncResult[Any]:
+    def enqueue_call(
+        self,
+        func: Callable[..., Any] | str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> _Result[Any]:
         from .enqueue import dotted_path
 
         return self.send_task(dotted_path(func), args, kwargs, **options)
 
 
-def _delay_and_eta(countdown: float | None, eta: datetime.datetime | None,
-                   now: datetime.datetime) -> tuple[float, datetime.datetime | None]:
+def _delay_and_eta(
+    countdown: float | None, eta: object, now: datetime.datetime
+) -> tuple[float, datetime.datetime | None]:
     if countdown is not None and eta is not None:
         msg = "give countdown or eta, not both"
         raise TypeError(msg)

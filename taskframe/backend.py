@@ -78,8 +78,14 @@ class ResultBackend(Protocol):
     def close(self) -> None: ...
 
 
-def poll_until_ready(backend: ResultBackend, task_id: str, timeout_s: float,
-                     *, first_interval_s: float = 0.002, max_interval_s: float = 0.1) -> ResultRecord | None:
+def poll_until_ready(
+    backend: ResultBackend,
+    task_id: str,
+    timeout_s: float,
+    *,
+    first_interval_s: float = 0.002,
+    max_interval_s: float = 0.1,
+) -> ResultRecord | None:
     """Fetch with backoff until the record is ready or ``timeout_s`` passed.
 
     The interval starts small so that a fast task's result arrives within milliseconds, and

@@ -187,8 +187,14 @@ class Broker(Protocol):
     #: True when priority orders delivery on this broker.
     supports_priority: ClassVar[bool]
 
-    def publish(self, queue: str, envelope: Envelope, *, delay_s: float = 0.0,
-                priority: int = DEFAULT_PRIORITY) -> None:
+    def publish(
+        self,
+        queue: str,
+        envelope: Envelope,
+        *,
+        delay_s: float = 0.0,
+        priority: int = DEFAULT_PRIORITY,
+    ) -> None:
         """Store the message durably before returning; it becomes ready after ``delay_s``."""
         ...
 

@@ -18,18 +18,38 @@ if TYPE_CHECKING:
     from .task import Request
 
 #: Options a signature keeps in its dict form; the rest of apply_async's are per call.
-_SIGNATURE_OPTION_KEYS = frozenset({
-    "queue", "countdown", "eta", "expires", "priority", "task_id", "link", "link_error",
-    "headers", "ignore_result", "time_limit", "soft_time_limit", "serializer",
-})
+_SIGNATURE_OPTION_KEYS = frozenset(
+    {
+        "queue",
+        "countdown",
+        "eta",
+        "expires",
+        "priority",
+        "task_id",
+        "link",
+        "link_error",
+        "headers",
+        "ignore_result",
+        "time_limit",
+        "soft_time_limit",
+        "serializer",
+    }
+)
 
 
 class Signature:
     """A task name with arguments and options, to be called later: ``add.s(2, 2)``."""
 
-    def __init__(self, task: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-                 options: Mapping[str, Any] | None = None, *, immutable: bool = False,
-                 app: App | None = None) -> None:
+    def __init__(
+        self,
+        task: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        immutable: bool = False,
+        app: App | None = None,
+    ) -> None:
         self.task = task
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
@@ -76,18 +96,27 @@ class Signature:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], app: App | None = None) -> Signature:
         return cls(
-            str(data["task"]), data.get("args") or (), data.get("kwargs") or {},
-            data.get("options") or {}, immutable=bool(data.get("immutable")), app=app,
+            str(data["task"]),
+            data.get("args") or (),
+            data.get("kwargs") or {},
+            data.get("options") or {},
+            immutable=bool(data.get("immutable")),
+            app=app,
         )
 
-    def clone(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-              **options: Any) -> Signature:
+    def clone(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any) -> Signature:
         """A copy with ``args`` appended (prepended to nothing: Celery's partial), ``kwargs``
         merged and options updated; an immutable signature ignores new arguments."""
         new_args = self.args if self.immutable else (*args, *self.args)
         new_kwargs = self.kwargs if self.immutable else {**self.kwargs, **(kwargs or {})}
-        return Signature(self.task, new_args, new_kwargs, {**self.options, **options},
-                         immutable=self.immutable, app=self._app)
+        return Signature(
+            self.task,
+            new_args,
+            new_kwargs,
+            {**self.options, **options},
+            immutable=self.immutable,
+            app=self._app,
+        )
 
     def set(self, **options: Any) -> Signature:
         self.options.update(options)
@@ -98,8 +127,9 @@ class Signature:
         self.options.setdefault("task_id", str(uuid.uuid4()))
         return str(self.options["task_id"])
 
-    def apply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-                    **options: Any) -> AsyncResult[Any]:
+    def apply_async(
+        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> AsyncResult[Any]:
         sig = self.clone(args, kwargs, **options)
         task = sig.app.tasks.get(sig.task)
         if task is not None:
@@ -117,7 +147,7 @@ class Signature:
         return sig.app.get_task(sig.task)(*sig.args, **sig.kwargs)
 
 
-class chain(Signature):  # noqa: N801 - Celery's name
+class chain(Signature):
     """Tasks run one after the other, each result prepended to the next task's args
     (unless the next one is immutable, ``.si()``): ``add.s(4, 4) | add.s(8)``."""
 
@@ -133,7 +163,7 @@ class chain(Signature):  # noqa: N801 - Celery's name
         if not flat:
             msg = "chain() needs at least one signature"
             raise ValueError(msg)
-        self.tasks = flat
+        self.tasks: list[Signature] = flat
         super().__init__("taskframe.chain", app=app or flat[0]._app)
 
     def __repr__(self) -> str:
@@ -145,11 +175,15 @@ class chain(Signature):  # noqa: N801 - Celery's name
         return NotImplemented
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "subtask_type": "chain",
-                "kwargs": {"tasks": [t.to_dict() for t in self.tasks]}}
+        return {
+            **super().to_dict(),
+            "subtask_type": "chain",
+            "kwargs": {"tasks": [t.to_dict() for t in self.tasks]},
+        }
 
-    def apply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-                    **options: Any) -> AsyncResult[Any]:
+    def apply_async(
+        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> AsyncResult[Any]:
         """Send the first task, carrying the rest in ``embed.chain``; return the last
         task's result, whose ``.parent`` leads back along the chain."""
         first, *rest = self.tasks
@@ -169,7 +203,7 @@ class chain(Signature):  # noqa: N801 - Celery's name
         return result
 
 
-class group(Signature):  # noqa: N801 - Celery's name
+class group(Signature):
     """Tasks run in parallel; ``.get()`` on the result is the list of results in order."""
 
     def __init__(self, *tasks: Signature | Iterable[Signature], app: App | None = None) -> None:
@@ -181,7 +215,7 @@ class group(Signature):  # noqa: N801 - Celery's name
                 flat.extend(item.tasks)
             else:
                 flat.extend(item)
-        self.tasks = flat
+        self.tasks: list[Signature] = flat
         super().__init__("taskframe.group", app=app or (flat[0]._app if flat else None))
 
     def __repr__(self) -> str:
@@ -190,13 +224,20 @@ class group(Signature):  # noqa: N801 - Celery's name
     def __len__(self) -> int:
         return len(self.tasks)
 
-    def apply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-                    **options: Any) -> GroupResult:
+    def apply_async(  # type: ignore[override]  # Celery's group returns a GroupResult
+        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> GroupResult:
         group_id = str(options.pop("group_id", None) or uuid.uuid4())
         return self._send(group_id, args, kwargs, options, chord=None)
 
-    def _send(self, group_id: str, args: Sequence[Any], kwargs: Mapping[str, Any] | None,
-              options: Mapping[str, Any], chord: dict[str, Any] | None) -> GroupResult:
+    def _send(
+        self,
+        group_id: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        options: Mapping[str, Any],
+        chord: dict[str, Any] | None,
+    ) -> GroupResult:
         app = self.app
         calls = []
         for index, sig in enumerate(self.tasks):
@@ -218,13 +259,17 @@ class group(Signature):  # noqa: N801 - Celery's name
         return result
 
 
-class chord(Signature):  # noqa: N801 - Celery's name
+class chord(Signature):
     """A group (the header) whose results, in order, are passed to one task (the body)
     when the last header task finishes: ``chord(group(...), tsum.s())`` or
     ``chord(header)(body)``. A header failure fails the chord with ChordError."""
 
-    def __init__(self, header: group | Iterable[Signature], body: Signature | None = None,
-                 app: App | None = None) -> None:
+    def __init__(
+        self,
+        header: group | Iterable[Signature],
+        body: Signature | None = None,
+        app: App | None = None,
+    ) -> None:
         self.header = header if isinstance(header, group) else group(*header)
         self.body = body
         super().__init__("taskframe.chord", app=app or self.header._app)
@@ -234,8 +279,9 @@ class chord(Signature):  # noqa: N801 - Celery's name
             return chord(self.header, body, app=self._app).apply_async(**options)
         return self.apply_async(**options)
 
-    def apply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-                    **options: Any) -> AsyncResult[Any]:
+    def apply_async(
+        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> AsyncResult[Any]:
         if self.body is None:
             msg = "chord() needs a body: chord(header, body) or chord(header)(body)"
             raise ValueError(msg)
@@ -254,8 +300,13 @@ def _as_dicts(value: Any) -> list[dict[str, Any]]:
     return [item.to_dict() if isinstance(item, Signature) else dict(item) for item in items]
 
 
-def signature(name: str | Signature, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-              app: App | None = None, **options: Any) -> Signature:
+def signature(
+    name: str | Signature,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    app: App | None = None,
+    **options: Any,
+) -> Signature:
     """A signature by task name; ``app`` defaults to the most recently created App."""
     if isinstance(name, Signature):
         return name

@@ -50,7 +50,9 @@ def load_app(spec: str | None, *, required: bool) -> App:
     spec = spec or os.environ.get("TASKFRAME_APP") or app_spec_from_pyproject()
     if not spec:
         if required:
-            msg = "no app given: pass -A module[:attr], set TASKFRAME_APP, or set [tool.taskframe] app in pyproject.toml"
+            msg = (
+                "no app given: pass -A module[:attr], set TASKFRAME_APP, or set [tool.taskframe] app in pyproject.toml"
+            )
             raise CommandError(msg)
         return App()
     module_name, _, attr = spec.partition(":")
@@ -97,8 +99,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     for module in app.conf.imports:
         importlib.import_module(module)
     worker = Worker(
-        app, _queues(args, app), concurrency=args.concurrency, pool=args.pool, prefetch=args.prefetch,
-        max_tasks_per_child=args.max_tasks_per_child, shutdown_timeout_s=args.shutdown_timeout, burst=args.burst,
+        app,
+        _queues(args, app),
+        concurrency=args.concurrency,
+        pool=args.pool,
+        prefetch=args.prefetch,
+        max_tasks_per_child=args.max_tasks_per_child,
+        shutdown_timeout_s=args.shutdown_timeout,
+        burst=args.burst,
     )
     try:
         return worker.run()
@@ -177,11 +185,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     stats = [app.broker.stats(q) for q in _status_queues(args, app)]
     workers = sorted(app.backend.scan("worker-"), key=lambda w: str(w.get("name")))
     if args.json:
-        print(json.dumps({
-            "queues": [{"queue": s.queue, "ready": s.ready, "delayed": s.delayed, "reserved": s.reserved,
-                        "dead": s.dead} for s in stats],
-            "workers": workers,
-        }))
+        print(
+            json.dumps(
+                {
+                    "queues": [
+                        {
+                            "queue": s.queue,
+                            "ready": s.ready,
+                            "delayed": s.delayed,
+                            "reserved": s.reserved,
+                            "dead": s.dead,
+                        }
+                        for s in stats
+                    ],
+                    "workers": workers,
+                }
+            )
+        )
         return 0
     for s in stats:
         print(f"queue {s.queue}: {s.ready} ready, {s.delayed} delayed, {s.reserved} reserved, {s.dead} dead")
@@ -190,8 +210,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     now = time.time()
     for w in workers:
         age = now - float(w.get("last_heartbeat") or 0)
-        print(f"worker {w.get('name')}: queues {','.join(w.get('queues') or [])}, pid {w.get('pid')}, "
-              f"{w.get('tasks_done')} tasks done, last heartbeat {age:.1f}s ago")
+        print(
+            f"worker {w.get('name')}: queues {','.join(w.get('queues') or [])}, pid {w.get('pid')}, "
+            f"{w.get('tasks_done')} tasks done, last heartbeat {age:.1f}s ago"
+        )
     return 0
 
 
@@ -226,17 +248,26 @@ def cmd_dead(args: argparse.Namespace) -> int:
     broker = app.broker
     if args.action == "list":
         letters = [d for q in queues for d in broker.dead_letters(q, limit=args.limit)]
-        rows = [{
-            "id": d.id, "task": d.task, "queue": d.queue, "deliveries": d.deliveries, "reason": d.reason,
-            "dead_at": datetime.datetime.fromtimestamp(d.dead_at, datetime.timezone.utc).isoformat(),
-        } for d in letters]
+        rows = [
+            {
+                "id": d.envelope.task_id or d.id,
+                "task": d.task,
+                "queue": d.queue,
+                "deliveries": d.deliveries,
+                "reason": d.reason,
+                "dead_at": datetime.datetime.fromtimestamp(d.dead_at, datetime.timezone.utc).isoformat(),
+            }
+            for d in letters
+        ]
         if args.json:
             print(json.dumps(rows))
         elif not rows:
             print(f"no dead letters in {', '.join(queues)}")
         for row in [] if args.json else rows:
-            print(f"{row['id']} {row['task']} queue={row['queue']} deliveries={row['deliveries']} "
-                  f"dead_at={row['dead_at']}: {row['reason']}")
+            print(
+                f"{row['id']} {row['task']} queue={row['queue']} deliveries={row['deliveries']} "
+                f"dead_at={row['dead_at']}: {row['reason']}"
+            )
         return 0
     if args.action == "requeue":
         counts = {q: broker.requeue_dead(q) for q in queues}
@@ -264,8 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     common.add_argument("-l", "--loglevel", default=argparse.SUPPRESS, help="debug, info, warning, error")
 
-    parser = argparse.ArgumentParser(prog="taskframe", parents=[common],
-                                     description="Run and inspect taskframe workers and queues.")
+    parser = argparse.ArgumentParser(
+        prog="taskframe",
+        parents=[common],
+        description="Run and inspect taskframe workers and queues.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     worker = sub.add_parser("worker", parents=[common], help="consume queues and run tasks")

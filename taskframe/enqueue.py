@@ -26,8 +26,9 @@ def dotted_path(func: Callable[..., Any] | str) -> str:
         return func
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
-    if getattr(func, "__self__", None) is not None and not isinstance(func.__self__, type(importlib)):
-        msg = f"cannot enqueue the bound method {qualname}: a worker cannot rebuild its instance; enqueue a module-level function"
+    owner = getattr(func, "__self__", None)
+    if owner is not None and not isinstance(owner, type(importlib)):  # builtins' __self__ is their module
+        msg = f"cannot enqueue the bound method {qualname}: a worker cannot rebuild its instance; use a function"
         raise ValueError(msg)
     if not module or not qualname:
         msg = f"cannot enqueue {func!r}: it has no module and name a worker could import"

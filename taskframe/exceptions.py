@@ -69,7 +69,7 @@ class BackendError(TaskframeError):
     """The result backend failed an operation."""
 
 
-class TimeoutError(TaskframeError, builtins.TimeoutError):  # noqa: A001 - Celery's name, on purpose
+class TimeoutError(TaskframeError, builtins.TimeoutError):
     """``AsyncResult.get()`` gave up waiting."""
 
 

@@ -63,8 +63,16 @@ def utcnow_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
 
-def store_state(app: App, task_id: str, state: str, result: Any, *, request: Request | None = None,
-                traceback: str | None = None, children: list[str] | None = None) -> None:
+def store_state(
+    app: App,
+    task_id: str,
+    state: str,
+    result: Any,
+    *,
+    request: Request | None = None,
+    traceback: str | None = None,
+    children: list[str] | None = None,
+) -> None:
     """Write a task's record in Celery's layout (plus extended fields when enabled)."""
     record: dict[str, Any] = {
         "task_id": task_id,
@@ -75,9 +83,14 @@ def store_state(app: App, task_id: str, state: str, result: Any, *, request: Req
         "date_done": utcnow_iso() if state in states.READY_STATES else None,
     }
     if app.conf.result_extended and request is not None:
-        record.update(name=request.task, args=request.args, kwargs=request.kwargs,
-                      worker=request.hostname, retries=request.retries,
-                      queue=request.delivery_info.get("queue"))
+        record.update(
+            name=request.task,
+            args=request.args,
+            kwargs=request.kwargs,
+            worker=request.hostname,
+            retries=request.retries,
+            queue=request.delivery_info.get("queue"),
+        )
     app.backend.store(task_id, record, ttl_s=app.conf.result_expires)
 
 
@@ -97,7 +110,12 @@ class Executor:
         task = self._find_task(message)
         if task is None:
             reason = self._unknown_task_reason(message.task)
-            log.error("Received unregistered task %s[%s]: %s; moved to dead letters", message.task, message.id, reason)
+            log.error(
+                "Received unregistered task %s[%s]: %s; moved to dead letters",
+                message.task,
+                message.id,
+                reason,
+            )
             self._store_failure(message.id, NotRegistered(reason), None)
             return Outcome("dead", message.id, message.task, states.FAILURE, reason)
         skip = self._skip_reason(message)
@@ -106,7 +124,13 @@ class Executor:
         early_s = self._seconds_early(message)
         if early_s > EARLY_ETA_TOLERANCE_S:
             self.app.broker.publish(queue, envelope, delay_s=early_s, priority=message.priority)
-            return Outcome("ack", message.id, message.task, states.PENDING, "not due yet: sent back to the broker")
+            return Outcome(
+                "ack",
+                message.id,
+                message.task,
+                states.PENDING,
+                "not due yet: sent back to the broker",
+            )
         return self._run(task, message, queue, deliveries)
 
     # -- checks before running ---------------------------------------------------------------
@@ -141,7 +165,11 @@ class Executor:
         else:
             return None
         log.info("Discarding %s task %s[%s]", reason, message.task, message.id)
-        error = {"exc_type": "TaskRevokedError", "exc_module": "taskframe.exceptions", "exc_message": [reason]}
+        error = {
+            "exc_type": "TaskRevokedError",
+            "exc_module": "taskframe.exceptions",
+            "exc_message": [reason],
+        }
         store_state(self.app, message.id, states.REVOKED, error)
         return Outcome("ack", message.id, message.task, states.REVOKED, reason)
 
@@ -155,10 +183,20 @@ class Executor:
     def _request(self, message: Message, queue: str, deliveries: int) -> Request:
         h = message.headers
         return Request(
-            id=h.id, task=h.task, args=message.args, kwargs=message.kwargs, retries=h.retries,
-            root_id=h.root_id, parent_id=h.parent_id, group=h.group, eta=h.eta, expires=h.expires,
+            id=h.id,
+            task=h.task,
+            args=message.args,
+            kwargs=message.kwargs,
+            retries=h.retries,
+            root_id=h.root_id,
+            parent_id=h.parent_id,
+            group=h.group,
+            eta=h.eta,
+            expires=h.expires,
             delivery_info={"queue": queue, "deliveries": deliveries, "priority": message.priority},
-            hostname=self.hostname, timelimit=h.timelimit, headers=h.model_dump(),
+            hostname=self.hostname,
+            timelimit=h.timelimit,
+            headers=h.model_dump(),
             embed=message.embed.model_dump(),
         )
 
@@ -167,8 +205,13 @@ class Executor:
         store_results = not (message.headers.ignore_result or task.options.ignore_result)
         track = task.options.track_started
         if track if track is not None else self.app.conf.task_track_started:
-            store_state(self.app, message.id, states.STARTED,
-                        {"pid": os.getpid(), "hostname": self.hostname}, request=request)
+            store_state(
+                self.app,
+                message.id,
+                states.STARTED,
+                {"pid": os.getpid(), "hostname": self.hostname},
+                request=request,
+            )
         hard_s, soft_s = message.headers.timelimit
         hard_s = hard_s or self.app.conf.task_time_limit
         soft_s = soft_s or self.app.conf.task_soft_time_limit
@@ -193,8 +236,14 @@ class Executor:
         self._after_success(message, value)
         return Outcome("ack", message.id, message.task, states.SUCCESS)
 
-    def _autoretry(self, task: Task[Any, Any], message: Message, request: Request, exc: Exception,
-                   store_results: bool) -> Outcome | None:
+    def _autoretry(
+        self,
+        task: Task[Any, Any],
+        message: Message,
+        request: Request,
+        exc: Exception,
+        store_results: bool,
+    ) -> Outcome | None:
         if not (task.options.autoretry_for and isinstance(exc, task.options.autoretry_for)):
             return None
         token = current_request.set(request)
@@ -206,21 +255,52 @@ class Executor:
             current_request.reset(token)
         return self._on_retry(task, message, request, retry, store_results)
 
-    def _on_retry(self, task: Task[Any, Any], message: Message, request: Request, retry: Retry,
-                  store_results: bool) -> Outcome:
+    def _on_retry(
+        self,
+        task: Task[Any, Any],
+        message: Message,
+        request: Request,
+        retry: Retry,
+        store_results: bool,
+    ) -> Outcome:
         reason = retry.exc if retry.exc is not None else retry
         if store_results:
-            store_state(self.app, message.id, states.RETRY, encode_exception(reason),
-                        request=request, traceback=_format_traceback(retry.exc))
+            store_state(
+                self.app,
+                message.id,
+                states.RETRY,
+                encode_exception(reason),
+                request=request,
+                traceback=_format_traceback(retry.exc),
+            )
         log.info("Task %s[%s] retry: %s: %r", message.task, message.id, retry, retry.exc)
         return Outcome("ack", message.id, message.task, states.RETRY)
 
-    def _on_failure(self, task: Task[Any, Any], message: Message, request: Request, exc: Exception,
-                    runtime_s: float) -> Outcome:
+    def _on_failure(
+        self,
+        task: Task[Any, Any],
+        message: Message,
+        request: Request,
+        exc: Exception,
+        runtime_s: float,
+    ) -> Outcome:
         text = _format_traceback(exc)
         if not (message.headers.ignore_result or task.options.ignore_result):
-            store_state(self.app, message.id, states.FAILURE, encode_exception(exc), request=request, traceback=text)
-        log.error("Task %s[%s] raised unexpected: %r (after %.4fs)", message.task, message.id, exc, runtime_s)
+            store_state(
+                self.app,
+                message.id,
+                states.FAILURE,
+                encode_exception(exc),
+                request=request,
+                traceback=text,
+            )
+        log.error(
+            "Task %s[%s] raised unexpected: %r (after %.4fs)",
+            message.task,
+            message.id,
+            exc,
+            runtime_s,
+        )
         for errback in message.embed.errbacks or []:
             self._send_follow_up(Signature.from_dict(errback, self.app), message, (message.id,))
         if message.embed.chord:
@@ -270,8 +350,11 @@ class Executor:
         if backend.incr(f"chord-fired-{group_id}", ttl_s=ttl_s) != 1:
             return
         body = Signature.from_dict(spec["body"], self.app)
-        failed = [(m, r) for m, r in zip(meta["results"], records, strict=True)
-                  if r is not None and r.get("status") != states.SUCCESS]
+        failed = [
+            (m, r)
+            for m, r in zip(meta["results"], records, strict=True)
+            if r is not None and r.get("status") != states.SUCCESS
+        ]
         if failed:
             self._fail_chord(body, message, failed[0][0], failed[0][1])
             return
@@ -285,7 +368,12 @@ class Executor:
         body_id = str(body.options.get("task_id") or "")
         log.error("chord body %s[%s] will not run: %s", body.task, body_id, reason)
         if body_id:
-            store_state(self.app, body_id, states.FAILURE, encode_exception(ChordError("ChordError", reason)))
+            store_state(
+                self.app,
+                body_id,
+                states.FAILURE,
+                encode_exception(ChordError("ChordError", reason)),
+            )
         for errback in body.options.get("link_error") or []:
             sig = errback if isinstance(errback, Signature) else Signature.from_dict(errback, self.app)
             self._send_follow_up(sig, message, (body_id,))

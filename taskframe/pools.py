@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskframe.worker")
 
 
-class WorkerTerminate(BaseException):  # noqa: N818 - a control-flow signal, not an error
+class WorkerTerminate(BaseException):
     """Raised into an inline task by a cold shutdown; BaseException so tasks do not catch it."""
 
 
@@ -63,13 +63,16 @@ class Pool(Protocol):
     def collect(self, timeout_s: float) -> list[tuple[Job, Outcome]]:
         """Finished jobs; wait up to ``timeout_s`` for the first one if none is ready."""
         ...
+
     def running(self) -> list[Job]: ...
     def enforce_limits(self) -> list[tuple[Job, Outcome]]:
         """Stop jobs past their hard time limit, where the pool can; their outcomes."""
         ...
+
     def terminate(self, task_id: str) -> bool:
         """Stop the running task ``task_id`` (revoke with terminate=True), where the pool can."""
         ...
+
     def stop(self, *, abandon: bool) -> list[Job]:
         """Stop the pool. With ``abandon``, running jobs are stopped and returned unfinished."""
         ...
@@ -103,8 +106,10 @@ def alarm_limits(hard_s: float | None, soft_s: float | None) -> Iterator[None]:
             stage["soft_fired"] = True
             if hard_s and hard_s > soft_s:
                 signal.setitimer(signal.ITIMER_REAL, hard_s - soft_s)
-            raise SoftTimeLimitExceeded(f"soft time limit ({soft_s}s) exceeded")
-        raise TimeLimitExceeded(f"Time limit ({hard_s}s) exceeded")
+            msg = f"soft time limit ({soft_s}s) exceeded"
+            raise SoftTimeLimitExceeded(msg)
+        msg = f"Time limit ({hard_s}s) exceeded"
+        raise TimeLimitExceeded(msg)
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, first)
@@ -318,8 +323,10 @@ class PreforkPool:
     def _spawn(self) -> _Child:
         parent_conn, child_conn = self._context.Pipe()
         process = self._context.Process(
-            target=_child_main, args=(self.app, child_conn, self.hostname, self.max_tasks_per_child),
-            name="taskframe-child", daemon=True,
+            target=_child_main,
+            args=(self.app, child_conn, self.hostname, self.max_tasks_per_child),
+            name="taskframe-child",
+            daemon=True,
         )
         with warnings.catch_warnings():
             # Python 3.12+ warns about fork() with threads running; the child only runs the
@@ -433,8 +440,7 @@ class PreforkPool:
         return unfinished
 
 
-def create_pool(kind: str, app: App, hostname: str, concurrency: int,
-                max_tasks_per_child: int | None) -> Pool:
+def create_pool(kind: str, app: App, hostname: str, concurrency: int, max_tasks_per_child: int | None) -> Pool:
     if kind == "solo":
         return SoloPool(app, hostname)
     if kind == "threads":

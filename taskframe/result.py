@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import time
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from . import states
 from .backend import ResultRecord, poll_until_ready
@@ -51,7 +51,8 @@ def decode_exception(payload: Any, traceback: str | None = None) -> Exception:
         except Exception:  # a class whose __init__ wants other arguments
             return TaskError(qualified, text, traceback)
         if traceback:
-            exc.__notes__ = [f"remote traceback:\n{traceback}"]
+            # PEP 678 notes (shown under the traceback); set directly to work on Python 3.10 too.
+            vars(exc)["__notes__"] = [f"remote traceback:\n{traceback}"]
         return exc
     return TaskError(qualified, text, traceback)
 
@@ -72,8 +73,14 @@ class AsyncResult(Generic[R]):
     """The state and result of one task. Every read asks the backend (nothing is cached
     but a ready record, which cannot change)."""
 
-    def __init__(self, id: str, app: App | None = None, *, parent: AsyncResult[Any] | None = None,
-                 task_name: str | None = None) -> None:
+    def __init__(
+        self,
+        id: str,
+        app: App | None = None,
+        *,
+        parent: AsyncResult[Any] | None = None,
+        task_name: str | None = None,
+    ) -> None:
         from .app import current_app
 
         self.id = id
@@ -154,8 +161,7 @@ class AsyncResult(Generic[R]):
         record = self._wait(timeout, interval)
         status = record.get("status")
         if status == states.SUCCESS:
-            value: R = record.get("result")
-            return value
+            return cast(R, record.get("result"))
         if not propagate:
             return self.info  # type: ignore[no-any-return]
         if status == states.REVOKED:

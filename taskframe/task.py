@@ -126,16 +126,21 @@ class Task(Generic[P, R]):
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         return self.apply_async(args, kwargs)
 
-    def apply_async(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
-                    **options: Any) -> AsyncResult[R]:
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult[R]:
         """Send the task; options are DESIGN §2's (queue, countdown, eta, expires, priority,
         task_id, link, link_error, headers, ignore_result). Wrong arguments raise TypeError
         here, before anything is sent."""
         bound_args, bound_kwargs = self.bind_arguments(args or (), kwargs or {})
         return self.app._send(self.name, bound_args, bound_kwargs, options)
 
-    def bind_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any], *,
-                       for_wire: bool = True) -> tuple[list[Any], dict[str, Any]]:
+    def bind_arguments(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], *, for_wire: bool = True
+    ) -> tuple[list[Any], dict[str, Any]]:
         """Check the arguments against the function's signature (TypeError if they do not
         fit) and, with ``validate=True``, validate and coerce them through pydantic."""
         if self._signature is None:
@@ -159,8 +164,13 @@ class Task(Generic[P, R]):
         """An immutable signature: a parent's result is not prepended to its args."""
         return self.signature(args, kwargs, immutable=True)
 
-    def signature(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-                  immutable: bool = False, **options: Any) -> Signature:
+    def signature(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        immutable: bool = False,
+        **options: Any,
+    ) -> Signature:
         from .canvas import Signature
 
         return Signature(self.name, args, kwargs, options, immutable=immutable, app=self.app)
@@ -176,9 +186,14 @@ class Task(Generic[P, R]):
             return Request(id="", task=self.name, is_eager=True)
         return request
 
-    def retry(self, exc: BaseException | None = None, countdown: float | None = None,
-              eta: datetime.datetime | None = None, max_retries: int | None = None,
-              **options: Any) -> Retry:
+    def retry(
+        self,
+        exc: BaseException | None = None,
+        countdown: float | None = None,
+        eta: datetime.datetime | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Retry:
         """Schedule this task again (same id, retries + 1) and end this attempt.
 
         Use as ``raise self.retry(exc=exc, countdown=5)``. Once ``max_retries`` is reached
@@ -219,13 +234,17 @@ class Task(Generic[P, R]):
         if not backoff:
             return float(self.options.default_retry_delay)
         base = 1.0 if backoff is True else float(backoff)
-        delay = min(base * (2**retries), self.options.retry_backoff_max)
+        delay = min(base * (2.0**retries), self.options.retry_backoff_max)
         if self.options.retry_jitter:
             delay = random.uniform(0, delay)
         return delay
 
-    def update_state(self, task_id: str | None = None, state: str = "PROGRESS",
-                     meta: Mapping[str, Any] | None = None) -> None:
+    def update_state(
+        self,
+        task_id: str | None = None,
+        state: str = "PROGRESS",
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
         """Store a custom state (``.result`` of it is ``meta``), e.g. progress."""
         from .execution import store_state
 
@@ -248,7 +267,9 @@ def _call_signature(fn: Callable[..., Any], *, bound: bool) -> inspect.Signature
     return signature
 
 
-def _build_validator(fn: Callable[..., Any], signature: inspect.Signature | None) -> Callable[[inspect.BoundArguments, bool], None]:
+def _build_validator(
+    fn: Callable[..., Any], signature: inspect.Signature | None
+) -> Callable[[inspect.BoundArguments, bool], None]:
     """A pydantic model of the parameters. Validating replaces each argument by its coerced
     value: in JSON form before sending (what the worker will validate again), as Python
     objects in the worker."""
@@ -265,8 +286,10 @@ def _build_validator(fn: Callable[..., Any], signature: inspect.Signature | None
         annotation = hints.get(name, Any)
         default = ... if param.default is param.empty else param.default
         definitions[name] = (annotation, default)
-    model = create_model(  # type: ignore[call-overload]
-        f"{fn.__qualname__}Arguments", __config__=ConfigDict(arbitrary_types_allowed=True), **definitions
+    model = create_model(
+        f"{fn.__qualname__}Arguments",
+        __config__=ConfigDict(arbitrary_types_allowed=True),
+        **definitions,
     )
 
     def validate(bound: inspect.BoundArguments, for_wire: bool) -> None:

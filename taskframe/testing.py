@@ -14,8 +14,14 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def start_worker(app: App, queues: Sequence[str] = ("celery",), pool: str = "threads",
-                 concurrency: int = 1, *, shutdown_timeout_s: float = 10.0) -> Iterator[Worker]:
+def start_worker(
+    app: App,
+    queues: Sequence[str] = ("celery",),
+    pool: str = "threads",
+    concurrency: int = 1,
+    *,
+    shutdown_timeout_s: float = 10.0,
+) -> Iterator[Worker]:
     """Run a real worker in a background thread for the duration of the ``with`` block.
 
     It consumes ``queues`` of the app's own broker (``memory://`` works, since the worker
@@ -24,8 +30,14 @@ def start_worker(app: App, queues: Sequence[str] = ("celery",), pool: str = "thr
     if pool not in ("threads", "solo"):
         msg = f"start_worker runs in-process: pool must be 'threads' or 'solo', not {pool!r}"
         raise ValueError(msg)
-    worker = Worker(app, list(queues), pool=pool, concurrency=concurrency,
-                    shutdown_timeout_s=shutdown_timeout_s, install_signals=False)
+    worker = Worker(
+        app,
+        list(queues),
+        pool=pool,
+        concurrency=concurrency,
+        shutdown_timeout_s=shutdown_timeout_s,
+        install_signals=False,
+    )
     thread = threading.Thread(target=worker.run, name="taskframe-test-worker", daemon=True)
     thread.start()
     worker.ready.wait(timeout=30)

@@ -50,9 +50,19 @@ MAX_RECONNECT_DELAY_S = 10.0
 class Worker:
     """Consume ``queues`` and run their tasks. ``run()`` returns the process exit code."""
 
-    def __init__(self, app: App, queues: Sequence[str] | None = None, *, concurrency: int | None = None,
-                 pool: str = "prefork", prefetch: int | None = None, max_tasks_per_child: int | None = None,
-                 shutdown_timeout_s: float = 30.0, burst: bool = False, install_signals: bool = True) -> None:
+    def __init__(
+        self,
+        app: App,
+        queues: Sequence[str] | None = None,
+        *,
+        concurrency: int | None = None,
+        pool: str = "prefork",
+        prefetch: int | None = None,
+        max_tasks_per_child: int | None = None,
+        shutdown_timeout_s: float = 30.0,
+        burst: bool = False,
+        install_signals: bool = True,
+    ) -> None:
         self.app = app
         self.queues = list(queues or [app.conf.default_queue])
         self.concurrency = 1 if pool == "solo" else (concurrency or app.conf.worker_concurrency or os.cpu_count() or 1)
@@ -89,8 +99,14 @@ class Worker:
         self.pool.start()
         self._keeper = threading.Thread(target=self._keep, name="taskframe-keeper", daemon=True)
         self._keeper.start()
-        log.info("worker %s ready: queues %s, pool %s (concurrency %d), broker %s",
-                 self.name, ",".join(self.queues), self.pool_kind, self.concurrency, mask_url(self.app.conf.broker_url))
+        log.info(
+            "worker %s ready: queues %s, pool %s (concurrency %d), broker %s",
+            self.name,
+            ",".join(self.queues),
+            self.pool_kind,
+            self.concurrency,
+            mask_url(self.app.conf.broker_url),
+        )
         self.ready.set()
         try:
             while not self._stop.is_set():
@@ -117,8 +133,12 @@ class Worker:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if not self._stop.is_set():
-            log.warning("%s received: warm shutdown: no new tasks; running ones finish (up to %ss); "
-                        "send it again for a cold shutdown", name, self.shutdown_timeout_s)
+            log.warning(
+                "%s received: warm shutdown: no new tasks; running ones finish (up to %ss); "
+                "send it again for a cold shutdown",
+                name,
+                self.shutdown_timeout_s,
+            )
             self.stop(f"{name} (warm shutdown)")
             return
         log.warning("%s received again: cold shutdown: running tasks go back to their queues", name)
@@ -141,11 +161,17 @@ class Worker:
             except BrokerConnectionError as exc:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stop.is_set():
-                    msg = (f"cannot reach the broker {mask_url(self.app.conf.broker_url)} after {attempt} attempt(s) "
-                           f"over {self.app.conf.broker_connect_timeout:g}s: {exc}; is it running?")
+                    msg = (
+                        f"cannot reach the broker {mask_url(self.app.conf.broker_url)} after {attempt} attempt(s) "
+                        f"over {self.app.conf.broker_connect_timeout:g}s: {exc}; is it running?"
+                    )
                     raise BrokerConnectionError(msg) from None
-                log.warning("cannot reach the broker (attempt %d): %s; retrying in %.1fs", attempt,
-                            mask_url(str(exc)), min(delay_s, remaining))
+                log.warning(
+                    "cannot reach the broker (attempt %d): %s; retrying in %.1fs",
+                    attempt,
+                    mask_url(str(exc)),
+                    min(delay_s, remaining),
+                )
                 time.sleep(min(delay_s, remaining))
                 delay_s = min(delay_s * 2, MAX_RECONNECT_DELAY_S)
 
@@ -204,7 +230,7 @@ class Worker:
         task = self.app.tasks.get(job.task_name or "")
         if task is not None:
             hard_s = envelope.headers.get("timelimit", [None, None])
-            limit = (hard_s[0] if isinstance(hard_s, list | tuple) and hard_s else None)
+            limit = hard_s[0] if isinstance(hard_s, list | tuple) and hard_s else None
             job.hard_limit_s = limit or task.options.time_limit or self.app.conf.task_time_limit
             acks_late = task.options.acks_late
             if acks_late is None:
@@ -219,7 +245,9 @@ class Worker:
         self._pending.append(job)
 
     def _dispatch_pending(self) -> None:
-        while self._pending and self.pool.free_slots() > 0:
+        # The stop check matters for the solo pool: a task runs inside this loop, and a
+        # SIGTERM during it must not start the next one.
+        while self._pending and self.pool.free_slots() > 0 and not self._stop.is_set():
             job = self._pending.popleft()
             if job.task_id and job.task_id in self._to_terminate:
                 self._to_terminate.discard(job.task_id)
@@ -252,8 +280,11 @@ class Worker:
                 return
             except BrokerConnectionError as exc:
                 if attempt == 2:
-                    log.error("could not ack %s (%s): it will run again after its lease ends",
-                              delivery.envelope.task_id, mask_url(str(exc)))
+                    log.error(
+                        "could not ack %s (%s): it will run again after its lease ends",
+                        delivery.envelope.task_id,
+                        mask_url(str(exc)),
+                    )
                 else:
                     self._reconnect()
 
@@ -262,8 +293,11 @@ class Worker:
             assert self._consumer is not None
             self._consumer.nack(delivery, requeue=requeue, reason=reason, delay_s=delay_s)
         except BrokerConnectionError as exc:
-            log.error("could not hand back %s (%s): it returns after its lease ends",
-                      delivery.envelope.task_id, mask_url(str(exc)))
+            log.error(
+                "could not hand back %s (%s): it returns after its lease ends",
+                delivery.envelope.task_id,
+                mask_url(str(exc)),
+            )
 
     def _terminate_revoked(self) -> None:
         while self._to_terminate:
@@ -273,8 +307,11 @@ class Worker:
                 from . import states
                 from .execution import store_state
 
-                error = {"exc_type": "TaskRevokedError", "exc_module": "taskframe.exceptions",
-                         "exc_message": ["revoked and terminated"]}
+                error = {
+                    "exc_type": "TaskRevokedError",
+                    "exc_module": "taskframe.exceptions",
+                    "exc_message": ["revoked and terminated"],
+                }
                 store_state(self.app, task_id, states.REVOKED, error)
                 for job in list(self._held.values()):
                     if job.task_id == task_id:
@@ -313,8 +350,11 @@ class Worker:
             if final:
                 self.app.backend.delete(f"worker-{self.name}")
                 return
-            self.app.backend.put(f"worker-{self.name}", self.info(),
-                                 ttl_s=self.app.conf.worker_heartbeat_interval * 3)
+            self.app.backend.put(
+                f"worker-{self.name}",
+                self.info(),
+                ttl_s=self.app.conf.worker_heartbeat_interval * 3,
+            )
         except Exception as exc:
             log.warning("could not write the heartbeat: %s", mask_url(str(exc)))
 
@@ -331,8 +371,13 @@ class Worker:
 
     def info(self) -> dict[str, Any]:
         return {
-            "name": self.name, "queues": self.queues, "pid": os.getpid(), "pool": self.pool_kind,
-            "concurrency": self.concurrency, "tasks_done": self.tasks_done, "last_heartbeat": time.time(),
+            "name": self.name,
+            "queues": self.queues,
+            "pid": os.getpid(),
+            "pool": self.pool_kind,
+            "concurrency": self.concurrency,
+            "tasks_done": self.tasks_done,
+            "last_heartbeat": time.time(),
         }
 
     # -- shutdown ----------------------------------------------------------------------------

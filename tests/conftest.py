@@ -64,7 +64,7 @@ def sqlite_app(sqlite_url: str) -> Iterator[App]:
 
 
 #: The tasks every worker-process test can call; the module is written anew per test.
-TASKS_SOURCE = '''
+TASKS_SOURCE = """
 import os
 import time
 
@@ -121,7 +121,7 @@ def flaky(self, succeed_on):
     if self.request.retries < succeed_on:
         raise self.retry(exc=ConnectionError("try again"))
     return self.request.retries
-'''
+"""
 
 
 class TaskModule:
@@ -149,8 +149,12 @@ class TaskModule:
         """A real `taskframe worker` process for this module (stderr captured as text)."""
         command = [sys.executable, "-m", "taskframe", "worker", "-A", self.name, *args]
         process = subprocess.Popen(
-            command, cwd=self.dir, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
+            command,
+            cwd=self.dir,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.workers.append(process)
         return process

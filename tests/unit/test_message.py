@@ -13,11 +13,25 @@ from taskframe.message import Message
 
 #: A message as Celery 5 writes it for add.apply_async((2, 3), countdown=10), headers abridged.
 CELERY_HEADERS = {
-    "lang": "py", "task": "tasks.add", "id": "5c2ed0a8-1d17-4c1c-8a0f-7a3c2e9c1f11", "shadow": None,
-    "eta": "2026-11-25T15:00:10.000000+00:00", "expires": None, "group": None, "group_index": None,
-    "retries": 0, "timelimit": [None, None], "root_id": "5c2ed0a8-1d17-4c1c-8a0f-7a3c2e9c1f11",
-    "parent_id": None, "argsrepr": "(2, 3)", "kwargsrepr": "{}", "origin": "gen42@host",
-    "ignore_result": False, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
+    "lang": "py",
+    "task": "tasks.add",
+    "id": "5c2ed0a8-1d17-4c1c-8a0f-7a3c2e9c1f11",
+    "shadow": None,
+    "eta": "2026-11-25T15:00:10.000000+00:00",
+    "expires": None,
+    "group": None,
+    "group_index": None,
+    "retries": 0,
+    "timelimit": [None, None],
+    "root_id": "5c2ed0a8-1d17-4c1c-8a0f-7a3c2e9c1f11",
+    "parent_id": None,
+    "argsrepr": "(2, 3)",
+    "kwargsrepr": "{}",
+    "origin": "gen42@host",
+    "ignore_result": False,
+    "replaced_task_nesting": 0,
+    "stamped_headers": None,
+    "stamps": {},
 }
 CELERY_BODY = [[2, 3], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
 
@@ -26,7 +40,12 @@ def test_a_celery_message_decodes() -> None:
     envelope = Envelope(
         body=json.dumps(CELERY_BODY).encode(),
         headers=CELERY_HEADERS,
-        properties={"correlation_id": CELERY_HEADERS["id"], "reply_to": "abc", "delivery_mode": 2, "priority": 0},
+        properties={
+            "correlation_id": CELERY_HEADERS["id"],
+            "reply_to": "abc",
+            "delivery_mode": 2,
+            "priority": 0,
+        },
     )
     message = Message.from_envelope(envelope, ["json"])
     assert message.task == "tasks.add"
@@ -39,23 +58,50 @@ def test_a_celery_message_decodes() -> None:
 
 def test_messages_taskframe_sends_have_every_protocol_v2_field(memory_app: App) -> None:
     queue, message, delay_s = memory_app.build_message(
-        "tasks.add", [2, 3], {}, {"countdown": 10, "priority": 7, "time_limit": 30, "soft_time_limit": 25})
+        "tasks.add",
+        [2, 3],
+        {},
+        {"countdown": 10, "priority": 7, "time_limit": 30, "soft_time_limit": 25},
+    )
     envelope = message.to_envelope()
-    for field in ("lang", "task", "id", "root_id", "parent_id", "group", "retries", "eta", "expires",
-                  "timelimit", "argsrepr", "kwargsrepr", "origin", "ignore_result"):
+    for field in (
+        "lang",
+        "task",
+        "id",
+        "root_id",
+        "parent_id",
+        "group",
+        "retries",
+        "eta",
+        "expires",
+        "timelimit",
+        "argsrepr",
+        "kwargsrepr",
+        "origin",
+        "ignore_result",
+    ):
         assert field in envelope.headers
     assert envelope.headers["timelimit"] == (30, 25)
     assert envelope.properties["correlation_id"] == message.id
     assert envelope.properties["priority"] == 7
     assert envelope.properties["delivery_mode"] == 2
-    assert json.loads(envelope.body) == [[2, 3], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    assert json.loads(envelope.body) == [
+        [2, 3],
+        {},
+        {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+    ]
     assert queue == "celery" and delay_s == 10
 
 
 def test_envelope_bytes_round_trip() -> None:
-    envelope = Envelope(body=b'[[1], {}, {}]', headers={"id": "x", "task": "t"}, properties={"priority": 3})
+    envelope = Envelope(body=b"[[1], {}, {}]", headers={"id": "x", "task": "t"}, properties={"priority": 3})
     assert Envelope.from_bytes(envelope.to_bytes()) == envelope
-    binary = Envelope(body=b"\x00\xff", headers={}, content_type="application/x-msgpack", content_encoding="binary")
+    binary = Envelope(
+        body=b"\x00\xff",
+        headers={},
+        content_type="application/x-msgpack",
+        content_encoding="binary",
+    )
     assert Envelope.from_bytes(binary.to_bytes()) == binary
 
 
@@ -85,7 +131,13 @@ def test_garbage_bytes_are_not_an_envelope() -> None:
 
 
 def test_msgpack_round_trip() -> None:
-    app = App("t", broker="memory://", backend="memory://", task_serializer="msgpack", accept_content=["msgpack"])
+    app = App(
+        "t",
+        broker="memory://",
+        backend="memory://",
+        task_serializer="msgpack",
+        accept_content=["msgpack"],
+    )
     _, message, _ = app.build_message("tasks.add", [1, b"\x01"], {"k": "v"}, {})
     envelope = message.to_envelope("msgpack")
     assert envelope.content_type == "application/x-msgpack"

@@ -106,9 +106,14 @@ def test_failure_reraises_the_tasks_own_exception(app: App) -> None:
 
 
 def test_unimportable_exception_becomes_task_error(app: App) -> None:
-    record = {"task_id": "x1", "status": "FAILURE", "traceback": "Traceback...\nGone: away",
-              "result": {"exc_type": "Gone", "exc_module": "no_such_module", "exc_message": ["away"]},
-              "children": [], "date_done": None}
+    record = {
+        "task_id": "x1",
+        "status": "FAILURE",
+        "traceback": "Traceback...\nGone: away",
+        "result": {"exc_type": "Gone", "exc_module": "no_such_module", "exc_message": ["away"]},
+        "children": [],
+        "date_done": None,
+    }
     app.backend.store("x1", record, ttl_s=None)
     with pytest.raises(TaskError) as info:
         app.AsyncResult("x1").get(timeout=1)
