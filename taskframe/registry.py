@@ -26,11 +26,17 @@ Kind = Literal["broker", "backend"]
 BROKERS: dict[str, tuple[str, str | None]] = {
     "memory": ("taskframe.brokers.memory:MemoryBroker", None),
     "sqlite": ("taskframe.brokers.sqlite:SQLiteBroker", None),
+    "redis": ("taskframe.brokers.redis:RedisBroker", "redis"),
+    "rediss": ("taskframe.brokers.redis:RedisBroker", "redis"),
 }
 BACKENDS: dict[str, tuple[str, str | None]] = {
     "memory": ("taskframe.backends.memory:MemoryBackend", None),
     "sqlite": ("taskframe.backends.sqlite:SQLiteBackend", None),
     "file": ("taskframe.backends.files:FileBackend", None),
+    "redis": ("taskframe.backends.redis:RedisBackend", "redis"),
+    "rediss": ("taskframe.backends.redis:RedisBackend", "redis"),
+    "db": ("taskframe.backends.sql:SQLBackend", "sql"),
+    "mongodb": ("taskframe.backends.mongodb:MongoDBBackend", "mongodb"),
 }
 
 
