@@ -291,9 +291,12 @@ def _child_main(app: App, conn: Connection, hostname: str, max_tasks: int | None
             outcome = executor.execute(envelope, queue_name, deliveries)
         except BaseException as exc:  # never let the child die with the message unanswered
             outcome = Outcome("ack", envelope.task_id, None, states.FAILURE, repr(exc))
-        conn.send((key, outcome))
         done += 1
-        if max_tasks and done >= max_tasks:
+        retiring = bool(max_tasks and done >= max_tasks)
+        # Saying so with the result lets the parent replace this child before it sends the
+        # next job to a process that is about to exit.
+        conn.send((key, outcome, retiring))
+        if retiring:
             break
     conn.close()
     app.close()
@@ -345,7 +348,7 @@ class PreforkPool:
     def submit(self, job: Job) -> None:
         for index, child in enumerate(self._children):
             if child.job is None:
-                if not child.process.is_alive():  # exited after max_tasks_per_child
+                if not child.process.is_alive():  # died while idle (killed from outside)
                     child = self._children[index] = self._replace(child)
                 self._next_key += 1
                 child.job, child.key = job, self._next_key
@@ -375,12 +378,14 @@ class PreforkPool:
                 continue
             job = child.job
             try:
-                _key, outcome = child.conn.recv()
+                _key, outcome, retiring = child.conn.recv()
             except (EOFError, OSError):
                 outcome = self._died(child, job)
                 self._children[index] = self._spawn()
             else:
                 child.job = None
+                if retiring:
+                    self._children[index] = self._replace(child)
             done.append((job, outcome))
         return done
 

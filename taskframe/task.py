@@ -57,6 +57,10 @@ class TaskOptions:
         values = dict(options)
         if "autoretry_for" in values:
             values["autoretry_for"] = tuple(values["autoretry_for"])
+        if values.get("rate_limit") is not None:
+            from .ratelimit import parse_rate
+
+            parse_rate(values["rate_limit"])  # fail at decoration, not in the worker
         if values.get("priority") is not None and not 0 <= values["priority"] <= 9:
             msg = f"priority must be 0-9 (9 most urgent); got {values['priority']!r}"
             raise ValueError(msg)

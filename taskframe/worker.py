@@ -24,10 +24,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from . import states
 from .broker import Consumer, Delivery
 from .exceptions import BrokerConnectionError, BrokerError
-from .execution import Outcome
+from .execution import Outcome, store_state
 from .pools import Job, SoloPool, WorkerTerminate, create_pool
+from .ratelimit import TokenBucket, parse_rate
 from .settings import mask_url
 
 if TYPE_CHECKING:
@@ -82,6 +84,7 @@ class Worker:
         self._held: dict[int, Job] = {}  # id(delivery) -> job, every message whose lease we keep
         self._held_lock = threading.Lock()
         self._to_terminate: set[str] = set()
+        self._buckets: dict[str, TokenBucket] = {}
         self._keeper: threading.Thread | None = None
         self._keeper_stop = threading.Event()
         self.ready = threading.Event()
@@ -232,6 +235,9 @@ class Worker:
             hard_s = envelope.headers.get("timelimit", [None, None])
             limit = hard_s[0] if isinstance(hard_s, list | tuple) and hard_s else None
             job.hard_limit_s = limit or task.options.time_limit or self.app.conf.task_time_limit
+            track = task.options.track_started
+            if (track if track is not None else self.app.conf.task_track_started) and job.task_id:
+                store_state(self.app, job.task_id, states.RECEIVED, {"hostname": self.name})
             acks_late = task.options.acks_late
             if acks_late is None:
                 acks_late = self.app.conf.task_acks_late
@@ -247,11 +253,24 @@ class Worker:
     def _dispatch_pending(self) -> None:
         # The stop check matters for the solo pool: a task runs inside this loop, and a
         # SIGTERM during it must not start the next one.
+        held_back: list[Job] = []
         while self._pending and self.pool.free_slots() > 0 and not self._stop.is_set():
             job = self._pending.popleft()
-            if job.task_id and job.task_id in self._to_terminate:
-                self._to_terminate.discard(job.task_id)
+            bucket = self._bucket_for(job)
+            if bucket is not None and not bucket.try_take():
+                held_back.append(job)  # over its rate: wait here, let other tasks pass
+                continue
             self.pool.submit(job)
+        self._pending.extendleft(reversed(held_back))
+
+    def _bucket_for(self, job: Job) -> TokenBucket | None:
+        task = self.app.tasks.get(job.task_name or "")
+        if task is None or not task.options.rate_limit:
+            return None
+        bucket = self._buckets.get(task.name)
+        if bucket is None:
+            bucket = self._buckets[task.name] = TokenBucket(parse_rate(task.options.rate_limit))
+        return bucket
 
     def _finish(self, finished: list[tuple[Job, Outcome]]) -> None:
         for job, outcome in finished:
@@ -304,9 +323,6 @@ class Worker:
             task_id = self._to_terminate.pop()
             if self.pool.terminate(task_id):
                 log.warning("Terminated revoked task %s", task_id)
-                from . import states
-                from .execution import store_state
-
                 error = {
                     "exc_type": "TaskRevokedError",
                     "exc_module": "taskframe.exceptions",

@@ -65,12 +65,14 @@ def sqlite_app(sqlite_url: str) -> Iterator[App]:
 
 #: The tasks every worker-process test can call; the module is written anew per test.
 TASKS_SOURCE = """
+import json
 import os
 import time
 
 from taskframe import App
+from taskframe.exceptions import SoftTimeLimitExceeded
 
-app = App(__name__, broker={url!r}, backend={url!r}, {settings})
+app = App(__name__, broker={broker_url!r}, backend={backend_url!r}, default_queue={queue!r}, {settings})
 
 
 def _note(name, value):
@@ -115,6 +117,51 @@ def crash():
     os._exit(13)
 
 
+@app.task(rate_limit="5/s")
+def limited(i):
+    _note("limited.txt", time.time())
+    return i
+
+
+@app.task(track_started=True)
+def tracked(seconds):
+    time.sleep(seconds)
+    return "tracked"
+
+
+@app.task(acks_late=False)
+def at_most_once(seconds, value):
+    _note("at_most_once.txt", value)
+    time.sleep(seconds)
+    return value
+
+
+@app.task(soft_time_limit=0.5)
+def soft_limited():
+    try:
+        time.sleep(5)
+    except SoftTimeLimitExceeded:
+        return "cleaned up"
+    return "never"
+
+
+@app.task
+def pid():
+    return os.getpid()
+
+
+@app.task
+def record(*args):
+    _note("callbacks.txt", json.dumps(args, separators=(",", ":")))
+
+
+@app.task(bind=True)
+def progress(self, seconds):
+    self.update_state(state="PROGRESS", meta={{"step": 1}})
+    time.sleep(seconds)
+    return "done"
+
+
 @app.task(bind=True, max_retries=2, default_retry_delay=0.2)
 def flaky(self, succeed_on):
     _note("flaky.txt", self.request.retries)
@@ -127,11 +174,15 @@ def flaky(self, succeed_on):
 class TaskModule:
     """A freshly written tasks module, importable here and by worker processes."""
 
-    def __init__(self, tmp_path: Path, url: str, settings: str) -> None:
+    def __init__(self, tmp_path: Path, broker_url: str, backend_url: str, settings: str) -> None:
         self.dir = tmp_path
-        self.url = url
+        self.broker_url = broker_url
         self.name = f"tf_tasks_{uuid.uuid4().hex[:10]}"
-        source = TASKS_SOURCE.format(url=url, tmp=str(tmp_path), settings=settings)
+        #: A queue of its own, so tests on a shared broker service never see each other's messages.
+        self.queue = f"q-{self.name}"
+        source = TASKS_SOURCE.format(
+            broker_url=broker_url, backend_url=backend_url, queue=self.queue, tmp=str(tmp_path), settings=settings
+        )
         (tmp_path / f"{self.name}.py").write_text(textwrap.dedent(source))
         sys.path.insert(0, str(tmp_path))
         self.module: ModuleType = importlib.import_module(self.name)
@@ -181,14 +232,34 @@ class TaskModule:
         sys.path.remove(str(self.dir))
 
 
+def _process_broker_params() -> list[Any]:
+    from tests.conformance.brokers import BROKERS
+
+    return [pytest.param(spec, id=spec.name, marks=spec.marks) for spec in BROKERS if spec.crosses_processes]
+
+
+@pytest.fixture(params=_process_broker_params())
+def worker_broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of each broker a worker process can share with this test process."""
+    spec = request.param
+    why = spec.unavailable()
+    if why:
+        if CI:
+            pytest.fail(why)
+        pytest.skip(why)
+    url: str = spec.make_url(tmp_path)
+    return url
+
+
 @pytest.fixture
 def make_tasks(tmp_path: Path, sqlite_url: str) -> Iterator[Any]:
-    """``make_tasks(visibility_timeout=1.0)`` → a TaskModule on a fresh SQLite file."""
+    """``make_tasks(visibility_timeout=1.0)`` → a TaskModule on a fresh SQLite file
+    (``broker_url=`` puts its queue on another broker; results stay in SQLite)."""
     made: list[TaskModule] = []
 
-    def make(**settings: Any) -> TaskModule:
+    def make(broker_url: str | None = None, **settings: Any) -> TaskModule:
         rendered = ", ".join(f"{k}={v!r}" for k, v in settings.items())
-        module = TaskModule(tmp_path, sqlite_url, rendered)
+        module = TaskModule(tmp_path, broker_url or sqlite_url, sqlite_url, rendered)
         made.append(module)
         return module
 

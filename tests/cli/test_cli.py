@@ -69,7 +69,7 @@ def test_app_from_environment_and_pyproject(make_tasks: Any) -> None:
     from_pyproject = taskframe("status", "--json", "-Q", "reports", cwd=tasks.dir)
     queues = {q["queue"]: q for q in json.loads(from_pyproject.stdout)["queues"]}
     assert queues["reports"]["ready"] == 1
-    assert queues["celery"]["ready"] == 0
+    assert queues[tasks.queue]["ready"] == 0
 
 
 def test_purge_asks_and_refuses_without_a_terminal(make_tasks: Any) -> None:
@@ -78,10 +78,10 @@ def test_purge_asks_and_refuses_without_a_terminal(make_tasks: Any) -> None:
         tasks.add.delay(i, i)
     refused = taskframe("purge", "-A", tasks.name, cwd=tasks.dir, stdin="")
     assert_one_line_error(refused, "no terminal", "-f")
-    assert tasks.app.broker.stats("celery").ready == 3
+    assert tasks.app.broker.stats(tasks.queue).ready == 3
     forced = taskframe("purge", "-f", "-A", tasks.name, cwd=tasks.dir)
-    assert forced.stdout.strip() == "purged 3 message(s) from celery"
-    assert tasks.app.broker.stats("celery").ready == 0
+    assert forced.stdout.strip() == f"purged 3 message(s) from {tasks.queue}"
+    assert tasks.app.broker.stats(tasks.queue).ready == 0
 
 
 @pytest.mark.parametrize(
