@@ -1,0 +1,50 @@
+"""The broker adapters under test: one entry each, and every conformance test runs on it.
+
+A new adapter joins the suite by adding one :class:`BrokerSpec` to :data:`BROKERS`. Tests
+that need a capability an adapter lacks skip by the capability's flag, never by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _always_available() -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class BrokerSpec:
+    """How to reach one broker adapter, and what it can do.
+
+    Attributes:
+        name: the test id, e.g. ``"sqlite"``.
+        make_url: builds the broker URL; gets the test's ``tmp_path`` for file-based brokers.
+        crosses_processes: its queues are shared by every broker object on the same URL, in
+            any process, and survive the object that published (durable).
+        lease_s: the ``visibility_timeout`` the lease tests use; raise it for a broker whose
+            timers are coarse (SQS counts whole seconds).
+        unavailable: returns why the service cannot be reached, or None when it can; such a
+            test fails in CI (``CI=true``) and skips elsewhere, with that message.
+        marks: pytest marks for this adapter's tests, e.g. ``pytest.mark.redis``.
+    """
+
+    name: str
+    make_url: Callable[[Path], str]
+    crosses_processes: bool
+    lease_s: float = 0.5
+    unavailable: Callable[[], str | None] = _always_available
+    marks: tuple[Any, ...] = field(default=())
+
+
+BROKERS: list[BrokerSpec] = [
+    BrokerSpec("memory", lambda tmp_path: "memory://", crosses_processes=False),
+    BrokerSpec(
+        "sqlite",
+        lambda tmp_path: f"sqlite:///{tmp_path / 'broker.sqlite3'}",
+        crosses_processes=True,
+    ),
+]
