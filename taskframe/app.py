@@ -17,7 +17,7 @@ from .broker import Broker, OutgoingMessage
 from .exceptions import ConfigurationError, NotRegistered
 from .message import Embed, Message, TaskHeaders, TaskProperties, utc_isoformat
 from .registry import create_backend, create_broker
-from .result import AsyncResult
+from .result import AsyncResult, GroupResult
 from .settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -308,6 +308,19 @@ class App:
 
     def AsyncResult(self, task_id: str) -> _Result[Any]:
         return AsyncResult(task_id, self)
+
+    @property
+    def GroupResult(self) -> type[GroupResult]:
+        """``app.GroupResult.restore(group_id)`` finds a saved group in this app's backend."""
+        app = self
+
+        class AppGroupResult(GroupResult):
+            @classmethod
+            def restore(cls, group_id: str, app: App | None = None) -> GroupResult | None:
+                return GroupResult.restore(group_id, app=app or bound_app)
+
+        bound_app = app
+        return AppGroupResult
 
     def control_revoke(self, task_id: str, *, terminate: bool = False) -> None:
         """Revoke durably: stored in the result backend, so any worker, also one started

@@ -248,12 +248,14 @@ class Executor:
             return None
         token = current_request.set(request)
         try:
-            retry = task.retry(exc=exc)
+            task.retry(exc=exc)
+        except Retry as retry:
+            return self._on_retry(task, message, request, retry, store_results)
         except Exception:  # retries exhausted: task.retry re-raised the original exception
             return None
         finally:
             current_request.reset(token)
-        return self._on_retry(task, message, request, retry, store_results)
+        return None
 
     def _on_retry(
         self,

@@ -196,12 +196,14 @@ class Task(Generic[P, R]):
         countdown: float | None = None,
         eta: datetime.datetime | None = None,
         max_retries: int | None = None,
+        throw: bool = True,
         **options: Any,
     ) -> Retry:
         """Schedule this task again (same id, retries + 1) and end this attempt.
 
-        Use as ``raise self.retry(exc=exc, countdown=5)``. Once ``max_retries`` is reached
-        the original exception is raised instead (or MaxRetriesExceededError without one).
+        Raises :class:`Retry` (write ``raise self.retry(exc=exc, countdown=5)`` so readers and
+        type checkers see the exit; ``throw=False`` returns it instead). Once ``max_retries``
+        is reached the original exception is raised instead (or MaxRetriesExceededError).
         """
         request = current_request.get()
         if request is None or request.is_eager:
@@ -227,8 +229,10 @@ class Task(Generic[P, R]):
         else:
             retry_options.pop("eta")
         self.app._send(self.name, list(request.args), dict(request.kwargs), retry_options)
-        when = countdown if countdown is not None else None
-        return Retry(f"Retry in {when}s" if when is not None else f"Retry at {eta}", exc=exc, when=when)
+        retry = Retry(f"Retry in {countdown}s" if eta is None else f"Retry at {eta}", exc=exc, when=countdown)
+        if throw:
+            raise retry
+        return retry
 
     def retry_delay_s(self, retries: int) -> float:
         """The countdown before retry number ``retries + 1``: the fixed default delay, or

@@ -256,3 +256,31 @@ def test_rq_style_enqueue_runs_allowed_paths(app: App) -> None:
         job = app.enqueue(sum, [42, 43])
         assert job.get(timeout=5) == 85
         assert job.result == 85
+
+
+def test_group_result_restores_in_another_app_object(app: App) -> None:
+    add = app.tasks["t.add"]
+    with start_worker(app, concurrency=2):
+        saved = group(add.s(1, 1), add.s(2, 2)).delay()
+        restored = app.GroupResult.restore(saved.id)
+        assert restored is not None
+        assert [r.id for r in restored.results] == [r.id for r in saved.results]
+        assert restored.get(timeout=10) == [2, 4]
+        assert restored.ready() and restored.successful() and not restored.failed()
+    assert app.GroupResult.restore("no-such-group") is None
+
+
+def test_retry_without_raise_still_ends_the_attempt(app: App) -> None:
+    attempts: list[int] = []
+
+    @app.task(name="t.retry_call", bind=True, max_retries=1, default_retry_delay=0.01)
+    def retry_call(self: Any) -> str:
+        attempts.append(self.request.retries)
+        if self.request.retries == 0:
+            self.retry()  # Celery semantics: retry() raises, so the line below is not reached
+            attempts.append(-1)
+        return "second time"
+
+    with start_worker(app):
+        assert retry_call.delay().get(timeout=5) == "second time"
+    assert attempts == [0, 1]
