@@ -26,6 +26,20 @@ from .settings import mask_url
 LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
 
 
+class JSONLogFormatter(logging.Formatter):
+    """One JSON object per log line (``taskframe worker --json``), for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(),
+            "level": record.levelname.lower(),
+            "process": record.processName,
+            "logger": record.name,
+            "message": mask_url(record.getMessage()),
+        }
+        return json.dumps(entry)
+
+
 class CommandError(Exception):
     """A problem with what the user asked for: printed as one line, exit 1."""
 
@@ -355,7 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = getattr(logging, str(args.loglevel).upper(), None)
     if not isinstance(level, int):
         parser.error(f"unknown log level {args.loglevel!r}; use debug, info, warning or error")
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONLogFormatter() if args.json else logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
     try:
         code: int = args.func(args)
         return code

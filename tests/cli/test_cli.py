@@ -125,3 +125,13 @@ def test_python_dash_m_and_the_console_script_are_the_same_cli(tmp_path: Path) -
     worker_help = taskframe("worker", "--help", cwd=tmp_path)
     for flag in ("-Q", "-c", "-P", "--prefetch", "--max-tasks-per-child", "--shutdown-timeout", "--burst", "-A"):
         assert flag in worker_help.stdout
+
+
+def test_worker_json_logs_one_object_per_line(make_tasks: Any) -> None:
+    tasks = make_tasks()
+    tasks.add.delay(2, 2)
+    done = taskframe("worker", "-A", tasks.name, "-P", "solo", "--burst", "--json", cwd=tasks.dir)
+    assert done.returncode == 0, done.stderr
+    entries = [json.loads(line) for line in done.stderr.splitlines()]
+    assert any(e["message"].startswith(f"Task {tasks.name}.add[") and e["message"].endswith(": 4") for e in entries)
+    assert {e["level"] for e in entries} <= {"info", "warning"}
