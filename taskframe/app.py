@@ -74,6 +74,9 @@ class App:
         self._backend: ResultBackend | None = None
         self._pid = os.getpid()
         _current = weakref.ref(self)
+        from .canvas import register_builtins
+
+        register_builtins(self)
 
     def __repr__(self) -> str:
         return f"<App {self.main or '__main__'}: {self.conf!r}>"

@@ -6,7 +6,7 @@ import contextvars
 import datetime
 import inspect
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -17,7 +17,7 @@ from .result import AsyncResult
 
 if TYPE_CHECKING:
     from .app import App
-    from .canvas import Signature
+    from .canvas import Signature, chunks
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -180,6 +180,25 @@ class Task(Generic[P, R]):
         return Signature(self.name, args, kwargs, options, immutable=immutable, app=self.app)
 
     subtask = signature
+
+    def map(self, items: Iterable[Any]) -> Signature:
+        """One task that calls this task on each item in turn: ``add.map([(1, 2)])``."""
+        from .canvas import Signature
+
+        return Signature("celery.map", (), {"task": self.s().to_dict(), "it": list(items)}, app=self.app)
+
+    def starmap(self, items: Iterable[Sequence[Any]]) -> Signature:
+        """One task that calls this task with each item as its arguments."""
+        from .canvas import Signature
+
+        it = [list(item) for item in items]
+        return Signature("celery.starmap", (), {"task": self.s().to_dict(), "it": it}, app=self.app)
+
+    def chunks(self, items: Iterable[Sequence[Any]], n: int) -> chunks:
+        """A group of ``starmap`` tasks of ``n`` argument tuples each."""
+        from .canvas import chunks
+
+        return chunks(self.s(), items, n)
 
     # -- inside a running task ---------------------------------------------------------------
 

@@ -284,3 +284,39 @@ def test_retry_without_raise_still_ends_the_attempt(app: App) -> None:
     with start_worker(app):
         assert retry_call.delay().get(timeout=5) == "second time"
     assert attempts == [0, 1]
+
+
+def test_chain_with_a_group_becomes_a_chord(app: App) -> None:
+    add, tsum = app.tasks["t.add"], app.tasks["t.tsum"]
+    with start_worker(app, concurrency=2):
+        # add(1, 1) = 2; then add(2, 1) and add(2, 2) in parallel; then tsum([3, 4])
+        assert chain(add.s(1, 1), group(add.s(1), add.s(2)), tsum.s()).delay().get(timeout=10) == 7
+        assert (add.s(1, 1) | group(add.s(1), add.s(2)) | tsum.s() | add.s(100)).delay().get(timeout=10) == 107
+
+
+def test_groups_of_chains_and_nested_chords(app: App) -> None:
+    add, tsum = app.tasks["t.add"], app.tasks["t.tsum"]
+    with start_worker(app, concurrency=2):
+        chains = group(chain(add.s(i, i), add.s(1)) for i in range(4)).delay()
+        assert chains.get(timeout=10) == [1, 3, 5, 7]
+        inner = chord([add.s(1, 1), add.s(2, 2)], tsum.s())  # 6
+        outer = chord([inner, add.s(10, 10)], tsum.s())  # 6 + 20
+        assert outer.delay().get(timeout=10) == 26
+        assert chord([chain(add.s(1, 1), add.s(1)), add.s(5, 5)], tsum.s()).delay().get(timeout=10) == 13
+
+
+def test_immutable_steps_ignore_the_parent_result(app: App) -> None:
+    add = app.tasks["t.add"]
+    with start_worker(app):
+        result = (add.s(1, 1) | add.si(10, 10) | add.s(1)).delay()
+        assert result.get(timeout=10) == 21
+        assert result.parent is not None and result.parent.get(timeout=10) == 20
+
+
+def test_map_starmap_and_chunks(app: App) -> None:
+    add, tsum = app.tasks["t.add"], app.tasks["t.tsum"]
+    with start_worker(app, concurrency=2):
+        assert tsum.map([[1, 2], [3, 4]]).delay().get(timeout=10) == [3, 7]
+        assert add.starmap([(1, 2), (3, 4)]).delay().get(timeout=10) == [3, 7]
+        parts = add.chunks(zip(range(10), range(10), strict=True), 3).delay()
+        assert parts.get(timeout=10) == [[0, 2, 4], [6, 8, 10], [12, 14, 16], [18]]
