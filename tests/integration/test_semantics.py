@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from taskframe.exceptions import TaskRevokedError
+from taskframe.exceptions import NotRegistered, TaskRevokedError
 from tests.conftest import stop_worker
 
 pytestmark = pytest.mark.slow
@@ -130,3 +130,21 @@ def test_link_and_link_error_callbacks(make_tasks: Any, worker_broker_url: str) 
         failed.get(timeout=20)
     lines = tasks.wait_for_line("callbacks.txt", 2)
     assert sorted(lines) == sorted([json.dumps([4, "ok"], separators=(",", ":")), json.dumps([failed.id])])
+
+
+def test_rq_style_enqueue_runs_only_allowed_paths(make_tasks: Any, worker_broker_url: str) -> None:
+    tasks = make_tasks(worker_broker_url, enqueue_allow=["builtins.sum"])
+    tasks.start_worker("-P", "prefork", "-c", "1")
+    job = tasks.app.enqueue(sum, [42, 43])
+    deadline = time.monotonic() + 20
+    while job.result is None:  # the seed's RQ loop: .result stays None until the job is done
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert job.result == 85
+    refused = tasks.app.send_task("os.system", args=["touch pwned"])
+    with pytest.raises(NotRegistered, match="enqueue_allow"):
+        refused.get(timeout=20)
+    assert not (tasks.dir / "pwned").exists()
+    assert tasks.add.delay(1, 2).get(timeout=20) == 3  # the worker keeps serving
+    with pytest.raises(ValueError, match="lambda"):
+        tasks.app.enqueue(lambda: 1)
