@@ -162,6 +162,18 @@ def progress(self, seconds):
     return "done"
 
 
+@app.task
+def slow_add(x, y):
+    time.sleep(0.05)
+    return x + y
+
+
+@app.task
+def tsum_noted(values):
+    _note("body.txt", len(values))
+    return sum(values)
+
+
 @app.task(bind=True, max_retries=2, default_retry_delay=0.2)
 def flaky(self, succeed_on):
     _note("flaky.txt", self.request.retries)
@@ -251,15 +263,38 @@ def worker_broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
+def _process_backend_params() -> list[Any]:
+    from tests.conformance.backends import BACKENDS
+
+    return [pytest.param(spec, id=spec.name, marks=spec.marks) for spec in BACKENDS if spec.crosses_processes]
+
+
+@pytest.fixture(params=_process_backend_params())
+def worker_backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of each result backend a worker process can share with this test process."""
+    from tests.conformance.backends import ServiceUnavailable
+
+    spec = request.param
+    if spec.check is not None:
+        try:
+            spec.check()
+        except ServiceUnavailable as exc:
+            if CI:
+                pytest.fail(str(exc))
+            pytest.skip(str(exc))
+    url: str = spec.make_url(tmp_path)
+    return url
+
+
 @pytest.fixture
 def make_tasks(tmp_path: Path, sqlite_url: str) -> Iterator[Any]:
     """``make_tasks(visibility_timeout=1.0)`` → a TaskModule on a fresh SQLite file
     (``broker_url=`` puts its queue on another broker; results stay in SQLite)."""
     made: list[TaskModule] = []
 
-    def make(broker_url: str | None = None, **settings: Any) -> TaskModule:
+    def make(broker_url: str | None = None, backend_url: str | None = None, **settings: Any) -> TaskModule:
         rendered = ", ".join(f"{k}={v!r}" for k, v in settings.items())
-        module = TaskModule(tmp_path, broker_url or sqlite_url, sqlite_url, rendered)
+        module = TaskModule(tmp_path, broker_url or sqlite_url, backend_url or sqlite_url, rendered)
         made.append(module)
         return module
 
