@@ -272,7 +272,21 @@ class ThreadPool:
 # -- prefork ------------------------------------------------------------------------------------
 
 
+def _die_with_parent() -> None:
+    # If the worker is SIGKILLed its leases lapse and its messages go to other workers; a
+    # child still running one would run it a second time in parallel. Linux can end the
+    # child with its parent (prctl PR_SET_PDEATHSIG); elsewhere the child ends at its next
+    # pipe read instead.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def _child_main(app: App, conn: Connection, hostname: str, max_tasks: int | None) -> None:
+    _die_with_parent()
     # The parent decides when children stop; a terminal's Ctrl+C must not kill them mid-task.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

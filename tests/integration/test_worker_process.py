@@ -201,3 +201,14 @@ def test_the_seeds_main_module_pattern(tmp_path: Path, sqlite_url: str) -> None:
     finally:
         code, output = stop_worker(worker)
     assert "Task celery-task.add[" in output and "succeeded in" in output and ": 8" in output
+
+
+def test_children_die_with_a_killed_worker(make_tasks: Any, worker_broker_url: str) -> None:
+    tasks = make_tasks(worker_broker_url)
+    tasks.sleep_then.delay(2, "orphan")
+    worker = tasks.start_worker("-P", "prefork", "-c", "1")
+    tasks.wait_for_line("started.txt", 1)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=10)
+    time.sleep(3)  # longer than the task: a surviving child would have finished it
+    assert tasks.lines("finished.txt") == []
