@@ -28,6 +28,9 @@ BROKERS: dict[str, tuple[str, str | None]] = {
     "sqlite": ("taskframe.brokers.sqlite:SQLiteBroker", None),
     "redis": ("taskframe.brokers.redis:RedisBroker", "redis"),
     "rediss": ("taskframe.brokers.redis:RedisBroker", "redis"),
+    "amqp": ("taskframe.brokers.amqp:AMQPBroker", "amqp"),
+    "amqps": ("taskframe.brokers.amqp:AMQPBroker", "amqp"),
+    "sqs": ("taskframe.brokers.sqs:SQSBroker", "sqs"),
 }
 BACKENDS: dict[str, tuple[str, str | None]] = {
     "memory": ("taskframe.backends.memory:MemoryBackend", None),
