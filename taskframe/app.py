@@ -106,11 +106,7 @@ class App:
         if self._backend is None:
             with self._lock:
                 if self._backend is None:
-                    url = self.conf.effective_result_backend
-                    if url == self.conf.broker_url and url.startswith("memory:"):
-                        # memory:// for both: one process, so one shared in-process store.
-                        pass
-                    self._backend = create_backend(url, self.conf)
+                    self._backend = create_backend(self.conf.effective_result_backend, self.conf)
         return self._backend
 
     def close(self) -> None:

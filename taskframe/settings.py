@@ -66,10 +66,13 @@ class Settings(BaseModel):
 
     @property
     def effective_result_backend(self) -> str:
-        """The result backend URL: explicit, else the embedded store beside an embedded broker."""
+        """The result backend URL: explicit, else the broker's own URL when a backend speaks
+        its scheme (sqlite, memory, redis), else the embedded SQLite file."""
         if self.result_backend:
             return self.result_backend
-        if self.broker_url.startswith(("sqlite:", "memory:")):
+        from .registry import BACKENDS, scheme_of
+
+        if scheme_of(self.broker_url) in BACKENDS:
             return self.broker_url
         return DEFAULT_SQLITE_URL
 

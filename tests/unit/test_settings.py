@@ -62,3 +62,10 @@ def test_credentials_are_masked_in_repr_and_errors() -> None:
         App("t", broker="reddis://u:topsecret@h/0").broker  # noqa: B018 - the property connects
     assert "topsecret" not in str(info.value)
     assert "did you mean 'redis'" in str(info.value) or "known:" in str(info.value)
+
+
+def test_results_default_to_the_brokers_store_when_a_backend_speaks_it() -> None:
+    assert App("t", broker="memory://").conf.effective_result_backend == "memory://"
+    assert App("t", broker="redis://h:6379/0").conf.effective_result_backend == "redis://h:6379/0"
+    assert App("t", broker="amqp://guest:guest@h//").conf.effective_result_backend == DEFAULT_SQLITE_URL
+    assert App("t", broker="amqp://h//", backend="file:///tmp/r").conf.effective_result_backend == "file:///tmp/r"
