@@ -28,7 +28,7 @@ typecheck: $(VENV)/.installed
 	$(BIN)/mypy --strict taskframe brokers backends tests/typing
 
 docs: $(VENV)/.installed
-	$(BIN)/mkdocs build --strict -d site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 unit: $(VENV)/.installed
 	$(BIN)/pytest

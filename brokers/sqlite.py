@@ -20,7 +20,7 @@ Features
 * Dead letters: a message delivered ``max_deliveries`` times without an ack, or nacked with
   ``requeue=False``, moves to ``tf_dead_letters``; list, requeue or purge it from there.
 * Network file systems: no. SQLite's WAL mode needs every process on the same machine.
-* Options: ``broker_options={"busy_timeout": 30.0}``, seconds a statement waits for another
+* Options: ``broker_options={"busy_timeout_s": 30.0}``, seconds a statement waits for another
   process's write lock before failing with ``BrokerConnectionError``.
 
 Delivery guarantee
@@ -233,7 +233,7 @@ class SQLiteBroker:
         self.path = sqlite_path(url)
         self.visibility_timeout_s = conf.visibility_timeout
         self.max_deliveries = conf.max_deliveries
-        self.busy_timeout_s = float(conf.broker_options.get("busy_timeout", BUSY_TIMEOUT_S))
+        self.busy_timeout_s = float(conf.broker_options.get("busy_timeout_s", BUSY_TIMEOUT_S))
         self._local = threading.local()
         self._lock = threading.Lock()
         self._generation = 0  # bumped by close(): every thread then opens a fresh connection

@@ -200,6 +200,10 @@ class chain(Signature):
     def __repr__(self) -> str:
         return " | ".join(repr(t) for t in self.tasks)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Calling a chain sends it, as in Celery: ``(add.s(1, 1) | add.s(2))()``."""
+        return self.apply_async(args, kwargs)
+
     def __or__(self, other: Signature) -> chain:
         if isinstance(other, Signature):
             return chain(*self.tasks, other, app=self._app)
@@ -256,6 +260,10 @@ class group(Signature):
 
     def __repr__(self) -> str:
         return f"group({', '.join(repr(t) for t in self.tasks)})"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Calling a group sends it, as in Celery."""
+        return self.apply_async(args, kwargs)
 
     def __len__(self) -> int:
         return len(self.tasks)

@@ -50,10 +50,10 @@ class CommandError(Exception):
 def app_spec_from_pyproject(path: str = "pyproject.toml") -> str | None:
     if not os.path.exists(path):
         return None
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ImportError:  # Python 3.10
-        return None
+    else:  # the same parser, from PyPI
+        import tomli as tomllib
     with open(path, "rb") as handle:
         data = tomllib.load(handle)
     spec = data.get("tool", {}).get("taskframe", {}).get("app")

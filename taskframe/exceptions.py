@@ -12,7 +12,7 @@
     ├── BackendError                      the result backend failed an operation
     ├── TimeoutError (builtins.TimeoutError)  AsyncResult.get() waited longer than its timeout
     ├── TaskError                         a task failed remotely; its class could not be rebuilt
-    │   └── ChordError                    a chord's header task failed
+    ├── ChordError                        a chord's header task failed
     ├── TaskRevokedError                  the task was revoked or expired before it ran
     ├── TimeLimitExceeded                 the hard time limit killed the task
     ├── SoftTimeLimitExceeded             raised inside the task at its soft time limit
@@ -92,11 +92,9 @@ class TaskError(TaskframeError):
         return (type(self), (self.exc_type, self.exc_message, self.traceback))
 
 
-class ChordError(TaskError):
-    """A task in a chord's header failed, so the chord's body did not run."""
-
-    def __init__(self, exc_type: str = "ChordError", exc_message: str = "", traceback: str | None = None) -> None:
-        super().__init__(exc_type, exc_message, traceback)
+class ChordError(TaskframeError):
+    """A task in a chord's header failed, so the chord's body did not run; the message
+    names the failed task and its exception."""
 
 
 class TaskRevokedError(TaskframeError):

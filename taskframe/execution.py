@@ -25,6 +25,7 @@ from .enqueue import resolve_enqueued
 from .exceptions import ChordError, MessageError, NotRegistered, Retry, TaskframeError
 from .message import Message, parse_isoformat
 from .result import encode_exception
+from .serialization import json_dumps, json_loads
 from .settings import mask_url
 from .task import Request, current_request
 
@@ -230,6 +231,12 @@ class Executor:
         finally:
             current_request.reset(token)
         runtime_s = time.perf_counter() - started
+        try:
+            value = jsonable(value)
+        except TypeError as exc:
+            # A result the backend cannot hold would leave the task PENDING for ever.
+            msg = f"the result of {message.task} cannot be stored as JSON: {exc}; return plain data"
+            return self._on_failure(task, message, request, TypeError(msg), runtime_s)
         if store_results:
             store_state(self.app, message.id, states.SUCCESS, value, request=request)
         log.info("Task %s[%s] succeeded in %.4fs: %s", message.task, message.id, runtime_s, _short(value))
@@ -374,11 +381,19 @@ class Executor:
                 self.app,
                 body_id,
                 states.FAILURE,
-                encode_exception(ChordError("ChordError", reason)),
+                encode_exception(ChordError(reason)),
             )
         for errback in body.options.get("link_error") or []:
             sig = errback if isinstance(errback, Signature) else Signature.from_dict(errback, self.app)
             self._send_follow_up(sig, message, (body_id,))
+
+
+def jsonable(value: Any) -> Any:
+    """The JSON form of a result, with the conversions the JSON serializer makes for
+    arguments (datetimes, UUIDs, Decimals, bytes, tuples); TypeError for anything else."""
+    if value is None or type(value) in (int, str, float, bool):
+        return value  # the common case costs no round trip
+    return json_loads(json_dumps(value))
 
 
 def _now() -> datetime.datetime:

@@ -285,8 +285,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def _child_main(app: App, conn: Connection, hostname: str, max_tasks: int | None) -> None:
+def _child_main(app: App, conn: Connection, inherited: list[Connection], hostname: str, max_tasks: int | None) -> None:
     _die_with_parent()
+    # Fork copied the parent's ends of every pipe; holding them would keep this child from
+    # seeing EOF when the parent dies.
+    for other in inherited:
+        with contextlib.suppress(OSError):
+            other.close()
     # The parent decides when children stop; a terminal's Ctrl+C must not kill them mid-task.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -341,7 +346,13 @@ class PreforkPool:
         parent_conn, child_conn = self._context.Pipe()
         process = self._context.Process(
             target=_child_main,
-            args=(self.app, child_conn, self.hostname, self.max_tasks_per_child),
+            args=(
+                self.app,
+                child_conn,
+                [parent_conn, *(c.conn for c in self._children)],
+                self.hostname,
+                self.max_tasks_per_child,
+            ),
             name="taskframe-child",
             daemon=True,
         )
@@ -354,7 +365,9 @@ class PreforkPool:
         return _Child(process, parent_conn)
 
     def start(self) -> None:
-        self._children = [self._spawn() for _ in range(self.capacity)]
+        self._children = []
+        for _ in range(self.capacity):  # one by one: each child closes the pipes made before it
+            self._children.append(self._spawn())
 
     def free_slots(self) -> int:
         return sum(1 for c in self._children if c.job is None)

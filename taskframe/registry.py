@@ -86,6 +86,9 @@ def load_class(kind: Kind, url: str) -> type[Any]:
         if extra and exc.name and not exc.name.startswith("taskframe"):
             msg = f"{kind} {mask_url(url)!r} needs: pip install 'taskframe[{extra}]'"
             raise ConfigurationError(msg) from None
+        if exc.name == module_name:  # e.g. a third-party entry point naming a module that is gone
+            msg = f"the {kind} adapter {target!r} for {mask_url(url)!r} cannot be imported: {exc}"
+            raise ConfigurationError(msg) from None
         raise
     cls: type[Any] = getattr(module, attr)
     return cls

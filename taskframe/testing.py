@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 @contextmanager
 def start_worker(
     app: App,
-    queues: Sequence[str] = ("celery",),
+    queues: Sequence[str] | None = None,
     pool: str = "threads",
     concurrency: int = 1,
     *,
@@ -24,15 +24,16 @@ def start_worker(
 ) -> Iterator[Worker]:
     """Run a real worker in a background thread for the duration of the ``with`` block.
 
-    It consumes ``queues`` of the app's own broker (``memory://`` works, since the worker
-    shares this process) with a ``threads`` or ``solo`` pool, and stops warm on exit.
+    It consumes ``queues`` (default: the app's ``default_queue``) of the app's own broker
+    (``memory://`` works, since the worker shares this process) with a ``threads`` or
+    ``solo`` pool, and stops warm on exit.
     """
     if pool not in ("threads", "solo"):
         msg = f"start_worker runs in-process: pool must be 'threads' or 'solo', not {pool!r}"
         raise ValueError(msg)
     worker = Worker(
         app,
-        list(queues),
+        list(queues or [app.conf.default_queue]),
         pool=pool,
         concurrency=concurrency,
         shutdown_timeout_s=shutdown_timeout_s,

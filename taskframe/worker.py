@@ -189,8 +189,10 @@ class Worker:
         if room <= 0:
             self._finish(self.pool.collect(BUSY_RECEIVE_S))
             return
-        busy = bool(self._held)
-        deliveries = self._receive(BUSY_RECEIVE_S if busy else IDLE_RECEIVE_S, room)
+        # A burst worker only needs to learn that nothing is ready; waiting longer would
+        # only delay its exit.
+        short = bool(self._held) or self.burst
+        deliveries = self._receive(BUSY_RECEIVE_S if short else IDLE_RECEIVE_S, room)
         if deliveries is None:
             return
         if not deliveries and self.burst and not self._held:

@@ -28,7 +28,9 @@ non-blank line before a fence (it does not show on the site)::
                                   end by itself, its whole output matching those lines; then
                                   the others (workers) get SIGTERM. Each must exit 0.
 
-Other blocks (console without the marker, toml, yaml, text) are shown, never run.
+Other blocks without a title (console without the marker, toml, yaml, text) are shown,
+never run. A line ``--8<-- "path"`` in a block (pymdownx.snippets) stands for that
+repository file, on the site and here.
 The compose files are checked here too: compose/docker-compose.yml for the services and
 ports the tests use, and the example deployment by running its producer and workers as
 plain processes on SQLite (no Docker engine needed).
@@ -56,6 +58,7 @@ from typing import Any
 
 import pytest
 
+import taskframe.worker
 from taskframe import App
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +70,8 @@ COMMAND_TIMEOUT_S = 60.0
 _FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,})(?P<info>[^`]*)$")
 _MARKER = re.compile(r"^<!--\s*docs-test:\s*(?P<marker>[a-z-]+)\s*-->$")
 _TITLE = re.compile(r'title="(?P<title>[^"]+)"')
+#: A pymdownx.snippets line: the site shows that repository file there; so does the test.
+_SNIPPET = re.compile(r'^-{1,3}8<-{1,3}\s+"(?P<path>[^"]+)"\s*$')
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,12 @@ def parse_blocks(page: Path) -> list[Block]:
         end = index + 1
         while end < len(lines) and lines[end].strip() != fence:
             line = lines[end]
-            body.append(line[len(indent) :] if line.startswith(indent) else line.lstrip())
+            line = line[len(indent) :] if line.startswith(indent) else line.lstrip()
+            snippet = _SNIPPET.match(line)
+            if snippet:
+                body.extend((ROOT / snippet["path"]).read_text(encoding="utf-8").splitlines())
+            else:
+                body.append(line)
             end += 1
         previous = next((lines[i].strip() for i in range(index - 1, -1, -1) if lines[i].strip()), "")
         marker = _MARKER.match(previous)
@@ -164,7 +174,11 @@ class PageRun:
 
     def write_file(self, block: Block) -> None:
         assert block.title is not None
-        target = self.workdir / block.title
+        target = (self.workdir / block.title).resolve()
+        if not target.is_relative_to(self.workdir.resolve()):
+            # A title like "/etc/systemd/system/x.service" only names a file on the site.
+            msg = f"{block.where}: title {block.title!r} is outside the working directory; mark it skip"
+            raise AssertionError(msg)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(block.source, encoding="utf-8")
         importlib.invalidate_caches()  # a module written now must be importable now
@@ -280,6 +294,9 @@ def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
     # (an exception class, say) can be imported back by name, as get() does.
     main = ModuleType("__main__")
     monkeypatch.setitem(sys.modules, "__main__", main)
+    # An idle in-process worker notices a stop only after its current receive: a shorter
+    # receive makes each `with start_worker(...)` block end at once, and nothing else changes.
+    monkeypatch.setattr(taskframe.worker, "IDLE_RECEIVE_S", 0.05)
     run = PageRun(tmp_path, main)
     environment = dict(os.environ)
     # When / Then: every example of the page runs, in order, without an error
@@ -350,7 +367,7 @@ def test_services_compose_file_matches_the_tests() -> None:
     assert "management" in services["rabbitmq"]["image"], "the management plugin must be on"
 
 
-def test_example_deployment_runs_as_plain_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_example_deployment_runs_as_plain_processes(tmp_path: Path) -> None:
     # Given: the example's code and its compose commands, on a shared SQLite file instead of
     # Redis (the docs show this same switch), since no Docker engine runs here
     example = COMPOSE / "example"
@@ -362,6 +379,8 @@ def test_example_deployment_runs_as_plain_processes(tmp_path: Path, monkeypatch:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     workers = [s for s in compose.values() if s.get("command", [None])[:2] == ["taskframe", "worker"]]
     assert len(workers) == 2
+    for service in workers:  # longer than the worker's default --shutdown-timeout of 30 s
+        assert service["stop_grace_period"] == "40s"
     processes = [
         subprocess.Popen(
             s["command"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

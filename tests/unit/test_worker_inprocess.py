@@ -320,3 +320,25 @@ def test_map_starmap_and_chunks(app: App) -> None:
         assert add.starmap([(1, 2), (3, 4)]).delay().get(timeout=10) == [3, 7]
         parts = add.chunks(zip(range(10), range(10), strict=True), 3).delay()
         assert parts.get(timeout=10) == [[0, 2, 4], [6, 8, 10], [12, 14, 16], [18]]
+
+
+def test_results_convert_like_arguments_or_fail_clearly(app: App) -> None:
+    @app.task(name="t.when")
+    def when() -> datetime.date:
+        return datetime.date(2026, 11, 25)
+
+    @app.task(name="t.opaque")
+    def opaque() -> object:
+        return object()
+
+    with start_worker(app):
+        assert when.delay().get(timeout=5) == "2026-11-25"
+        with pytest.raises(TypeError, match="cannot be stored as JSON"):
+            opaque.delay().get(timeout=5)
+
+
+def test_calling_a_chain_or_group_sends_it(app: App) -> None:
+    add = app.tasks["t.add"]
+    with start_worker(app):
+        assert (add.s(1, 1) | add.s(2))().get(timeout=5) == 4
+        assert group(add.s(1, 1), add.s(2, 2))().get(timeout=5) == [2, 4]
