@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests import db_services as db
+from tests import redis_service
+
 
 class ServiceUnavailable(Exception):
     """A backend's service is not reachable; the message says which and how to start it."""
@@ -45,6 +48,37 @@ BACKENDS: list[BackendSpec] = [
         "file",
         lambda tmp_path: f"file://{tmp_path / 'results'}",
         crosses_processes=True,
+    ),
+    # SQL and MongoDB: addresses, databases and the nx-27017 server are in tests/db_services.py.
+    BackendSpec(
+        "sql-postgresql",
+        lambda tmp_path: db.postgres_url_for_test(),
+        crosses_processes=True,
+        check=db.check(db.postgres_database),
+    ),
+    BackendSpec(
+        "sql-mysql",
+        lambda tmp_path: db.mysql_url_for_test(),
+        crosses_processes=True,
+        check=db.check(db.mysql_database),
+    ),
+    BackendSpec(
+        "sql-sqlite",
+        lambda tmp_path: f"db+sqlite:///{tmp_path / 'results.db'}",
+        crosses_processes=True,
+    ),
+    BackendSpec(
+        "mongodb",
+        lambda tmp_path: db.mongodb_url(),
+        crosses_processes=True,
+        check=db.check(db.mongodb_server),
+    ),
+    # Redis: its own database (tests/redis_service.py); fresh task ids and keys keep tests apart.
+    BackendSpec(
+        "redis",
+        lambda tmp_path: redis_service.url(redis_service.BACKEND_DB),
+        crosses_processes=True,
+        check=lambda: redis_service.check(ServiceUnavailable),
     ),
 ]
 

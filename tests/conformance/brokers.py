@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests import redis_service
+
 
 def _always_available() -> str | None:
     return None
@@ -46,5 +48,12 @@ BROKERS: list[BrokerSpec] = [
         "sqlite",
         lambda tmp_path: f"sqlite:///{tmp_path / 'broker.sqlite3'}",
         crosses_processes=True,
+    ),
+    # Redis: its own database (tests/redis_service.py); fresh queue names keep tests apart.
+    BrokerSpec(
+        "redis",
+        lambda tmp_path: redis_service.url(redis_service.BROKER_DB),
+        crosses_processes=True,
+        unavailable=redis_service.unavailable,
     ),
 ]

@@ -1,0 +1,913 @@
+"""Redis broker: reliable queues with leases, priorities and delays, one Lua script per operation.
+
+Connection string
+=================
+
+.. code-block::
+
+    redis://[[user]:password@]host[:port][/db][?socket_timeout=10&...]
+    rediss://[[user]:password@]host[:port][/db][?ssl_cert_reqs=required&ssl_ca_certs=/path]
+
+Query parameters are redis-py's (``ConnectionPool.from_url``). ``broker_options`` may add
+``key_prefix`` (default ``"taskframe"``), ``socket_timeout`` (s, default 10),
+``socket_connect_timeout`` (s, default 5), ``publish_retry_s`` (default 10: how long
+``publish`` retries a lost connection before raising), ``max_connections``,
+``health_check_interval`` and ``client_name``. Needs Redis >= 6.0 (fractional ``BLPOP``
+timeouts) and redis-py >= 5.
+
+Features
+========
+* Priority: yes, 0-9, 9 most urgent (``supports_priority = True``); FIFO within a priority.
+* Delays: a sorted set scored by due time, held in Redis (they survive worker restarts); any
+  consumer moves due messages to the ready set, so no scheduler process is needed.
+* Leases: a received message sits in an in-flight sorted set scored by its lease expiry;
+  ``renew`` pushes the expiry out; an expired lease makes the message ready again.
+* Dead letters: a message delivered ``max_deliveries`` times without an ack, or nacked with
+  ``requeue=False``, moves to the queue's dead-letter list; list, requeue or purge it there.
+* Blocking receive: a consumer with nothing to do blocks on ``BLPOP`` of the queues'
+  notification lists, woken by a publish or at the next due delay or lease expiry: no polling.
+* Batches: one ``receive`` leases up to ``max_messages`` in one round trip; ``publish_many``
+  sends every message in one pipelined round trip.
+* Time: every timestamp (delays, leases, dead letters) is Redis's own ``TIME``, so clients
+  with skewed clocks agree.
+
+Delivery guarantee
+==================
+At least once. Each operation is one Lua script, so a message is always in exactly one of
+ready, delayed, in-flight or dead, and its move from ready to in-flight (the lease) is atomic:
+two consumers never lease the same copy, and a consumer that dies (SIGKILL) leaves its
+messages in flight, where the next receive by anyone finds the lease expired and makes them
+ready again after ``visibility_timeout``. Each receive issues a fresh lease token; ack, nack
+and renew act only while the delivery still holds its lease, so a late ack after the message
+was received again elsewhere is a no-op (the message may run twice; tasks must be
+idempotent). A late ack whose message nobody received since still deletes it.
+
+Durability is Redis's: with the default RDB snapshots, a Redis crash loses the writes since
+the last snapshot. For a broker, run Redis with ``appendonly yes`` (``appendfsync everysec``
+loses at most a second; ``always`` loses nothing that was acknowledged).
+
+Connection loss: ``receive``, ``ack``, ``nack`` and ``renew`` raise
+:class:`~taskframe.exceptions.BrokerConnectionError` at once (the worker reconnects with
+backoff); ``publish`` retries for ``publish_retry_s`` with backoff, then raises it. A publish
+retried after a lost reply re-sends the same message id, which overwrites the first copy
+instead of adding a second one.
+
+Layout, and why
+===============
+Per queue ``q``, every key carries the hash tag ``{q}``, so all of a queue's keys live in one
+cluster slot and each script's keys are declared (``KEYS``), as Redis Cluster requires::
+
+    <prefix>:{q}:ready      ZSET  message id, scored (9 - priority) * 2**44 + seq: ZRANGE gives
+                                  the most urgent first, FIFO within a priority
+    <prefix>:{q}:delayed    ZSET  message id, scored by due time (ms, Redis clock)
+    <prefix>:{q}:inflight   ZSET  message id, scored by lease expiry (ms, Redis clock)
+    <prefix>:{q}:body       HASH  message id -> Envelope.to_bytes(), written once at publish
+    <prefix>:{q}:count      HASH  message id -> deliveries so far
+    <prefix>:{q}:lease      HASH  message id -> token of the receive that leased it last
+    <prefix>:{q}:dead       LIST  message ids, in the order they died
+    <prefix>:{q}:dead_info  HASH  message id -> JSON [deliveries, dead_at (UNIX s), reason]
+    <prefix>:{q}:seq        STRING the FIFO counter (deleted whenever the ready set empties)
+    <prefix>:{q}:notify     LIST  at most one token, "something changed, look again" (expires)
+
+A message id is its priority digit followed by 32 hex digits, so the priority travels with
+the id through the delayed and in-flight sets without another lookup.
+
+Why Lua and sorted sets rather than the alternatives:
+
+* ``LMOVE``/``BLMOVE`` into a per-consumer list is atomic, but only one message per call, a
+  lease expiry needs a second structure anyway, and a dead consumer's list must be found and
+  swept by someone; and ``BLMOVE`` cannot choose the most urgent of several priority lists.
+* Streams with consumer groups (``XREADGROUP`` + ``XAUTOCLAIM``) give leases and delivery
+  counts, but no priorities (a stream per priority means a read per priority) and no delays
+  (a sorted set and a mover are needed anyway), and a delivery count cannot be reset when a
+  dead letter is requeued.
+* One script per receive does "promote due delays, reclaim expired leases, lease up to N,
+  dead-letter over-delivered" atomically in one round trip, and a notification list lets an
+  idle consumer block without touching the lease logic.
+
+A consumer of several queues runs one script over all of them (priority first, then queue
+order).
+
+Redis Cluster: the layout is ready for it (each script declares its keys, and a queue's keys
+share a slot; queues that one consumer reads together need a common hash tag, e.g.
+``{jobs}.high`` and ``{jobs}.low``), but this adapter connects with redis-py's standalone
+client, so it runs on one Redis server (or a primary behind a proxy) today.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
+
+import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
+from redis.retry import Retry
+
+from taskframe.broker import (
+    DEFAULT_PRIORITY,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    DeadLetter,
+    Delivery,
+    Envelope,
+    OutgoingMessage,
+    QueueStats,
+)
+from taskframe.exceptions import BrokerConnectionError, BrokerError, ConfigurationError, MessageError
+from taskframe.settings import mask_url
+
+if TYPE_CHECKING:
+    from taskframe.broker import Broker, Consumer
+    from taskframe.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Key prefix of every key this broker writes, unless ``broker_options["key_prefix"]`` says otherwise.
+DEFAULT_KEY_PREFIX = "taskframe"
+#: Seconds a socket read or write may take before the connection counts as lost.
+DEFAULT_SOCKET_TIMEOUT_S = 10.0
+#: Seconds to establish a connection before it counts as refused.
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+#: Seconds ``publish`` keeps retrying a lost connection before it raises.
+DEFAULT_PUBLISH_RETRY_S = 10.0
+#: First and longest pause, in seconds, between two publish attempts.
+RETRY_MIN_S, RETRY_MAX_S = 0.05, 1.0
+#: Longest single BLPOP, in seconds: well under the socket timeout, so a block never looks
+#: like a dead connection; a longer receive blocks several times.
+MAX_BLOCK_S = 5.0
+#: Due delayed messages and expired leases moved per queue and receive: bounds the time one
+#: script blocks Redis after a long outage; the rest moves on the next receives.
+PROMOTE_BATCH = 1000
+
+_OPTIONS = frozenset(
+    {
+        "key_prefix",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "publish_retry_s",
+        "max_connections",
+        "health_check_interval",
+        "client_name",
+    }
+)
+
+#: Suffixes of a queue's keys (see the module docstring).
+_SUFFIXES = ("ready", "delayed", "inflight", "body", "count", "lease", "dead", "dead_info", "seq", "notify")
+
+#: The keys each script gets, per queue, in this order: only those it uses, since packing
+#: arguments is a good part of a publish's client-side cost.
+_SCRIPT_KEYS: dict[str, tuple[str, ...]] = {
+    "publish": ("ready", "delayed", "body", "seq", "notify"),
+    "receive": _SUFFIXES,
+    "ack": ("ready", "inflight", "body", "count", "lease"),
+    "nack": _SUFFIXES,
+    "renew": ("ready", "inflight", "lease"),
+    "stats": ("ready", "delayed", "inflight", "dead"),
+    "purge": ("ready", "delayed", "inflight", "body", "count", "lease", "seq"),
+    "dead_list": ("body", "dead", "dead_info"),
+    "requeue_dead": ("ready", "body", "count", "dead", "dead_info", "seq", "notify"),
+    "purge_dead": ("body", "dead", "dead_info"),
+}
+
+# Shared by the scripts: the priority band and helpers. Each script is preceded by a header
+# that sets K (keys per queue) and each key's index (nil where the script does not get it).
+_LUA_PRELUDE = """
+local BAND = 17592186044416  -- 2^44: one band per priority, FIFO sequence inside it
+local function key(q, k) return KEYS[(q - 1) * K + k] end
+local function clock_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+-- Lua prints numbers with 14 digits; scores need every digit.
+local function ms(x) return string.format('%.3f', x) end
+local function make_ready(q, id)
+  local seq = redis.call('INCR', key(q, SEQ))
+  local priority = tonumber(string.sub(id, 1, 1))
+  redis.call('ZADD', key(q, READY), string.format('%.0f', (9 - priority) * BAND + seq), id)
+end
+-- A token only wakes a consumer blocked at this moment (others look at the queue before they
+-- block), so an unused one may expire: an idle queue keeps no keys.
+local function notify(q)
+  if redis.call('LLEN', key(q, NOTIFY)) == 0 then
+    redis.call('RPUSH', key(q, NOTIFY), '1')
+    redis.call('PEXPIRE', key(q, NOTIFY), 60000)
+  end
+end
+local function bury(q, id, deliveries, reason, now)
+  redis.call('ZREM', key(q, READY), id)
+  redis.call('ZREM', key(q, DELAYED), id)
+  redis.call('ZREM', key(q, INFLIGHT), id)
+  redis.call('HDEL', key(q, LEASE), id)
+  redis.call('HDEL', key(q, COUNT), id)
+  redis.call('HSET', key(q, DEAD_INFO), id, cjson.encode({deliveries, now / 1000, reason}))
+  redis.call('RPUSH', key(q, DEAD), id)
+end
+local function holds_lease(id, token) return redis.call('HGET', key(1, LEASE), id) == token end
+"""
+
+# KEYS: one queue's keys. ARGV: id, body, delay_ms.
+_PUBLISH = """
+redis.call('HSET', key(1, BODY), ARGV[1], ARGV[2])
+local delay_ms = tonumber(ARGV[3])
+if delay_ms > 0 then
+  redis.call('ZADD', key(1, DELAYED), ms(clock_ms() + delay_ms), ARGV[1])
+else
+  make_ready(1, ARGV[1])
+end
+notify(1)
+return 1
+"""
+
+# KEYS: the keys of each queue, in the consumer's order.
+# ARGV: max_messages, lease_ms, max_deliveries, token, promote_batch.
+# Returns {wait_ms, buried {q, id, deliveries, ...}, leased {q, id, deliveries, body, ...}};
+# wait_ms is how long until a delay or lease falls due when nothing was leased (-1: never).
+_RECEIVE = """
+local want, lease_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
+local max_deliveries, token, batch = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local nq = #KEYS / K
+local now = clock_ms()
+for q = 1, nq do
+  for _, source in ipairs({DELAYED, INFLIGHT}) do
+    local due = redis.call('ZRANGEBYSCORE', key(q, source), '-inf', ms(now), 'LIMIT', 0, batch)
+    for _, id in ipairs(due) do
+      redis.call('ZREM', key(q, source), id)
+      make_ready(q, id)  -- an expired lease keeps its token: a late ack may still delete it
+    end
+  end
+end
+local leased, buried, taken = {}, {}, 0
+while taken < want do
+  local need, heads = want - taken, {}
+  for q = 1, nq do
+    local found = redis.call('ZRANGE', key(q, READY), 0, need - 1, 'WITHSCORES')
+    for i = 1, #found, 2 do
+      local score = tonumber(found[i + 1])
+      heads[#heads + 1] = {math.floor(score / BAND), q, score, found[i]}
+    end
+  end
+  if #heads == 0 then break end
+  table.sort(heads, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    if a[2] ~= b[2] then return a[2] < b[2] end
+    return a[3] < b[3]
+  end)
+  for i = 1, math.min(need, #heads) do
+    local q, id = heads[i][2], heads[i][4]
+    redis.call('ZREM', key(q, READY), id)
+    local count = tonumber(redis.call('HGET', key(q, COUNT), id) or '0')
+    local body = redis.call('HGET', key(q, BODY), id)
+    if not body then  -- purged meanwhile: nothing to deliver
+      redis.call('HDEL', key(q, COUNT), id)
+      redis.call('HDEL', key(q, LEASE), id)
+    elseif count >= max_deliveries then
+      bury(q, id, count, 'delivered ' .. count .. ' times without an ack (max_deliveries=' ..
+        max_deliveries .. '): the task probably crashed its worker', now)
+      buried[#buried + 1] = q; buried[#buried + 1] = id; buried[#buried + 1] = count
+    else
+      count = count + 1
+      redis.call('HSET', key(q, COUNT), id, count)
+      redis.call('HSET', key(q, LEASE), id, token)
+      redis.call('ZADD', key(q, INFLIGHT), ms(now + lease_ms), id)
+      leased[#leased + 1] = q; leased[#leased + 1] = id; leased[#leased + 1] = count
+      leased[#leased + 1] = body
+      taken = taken + 1
+    end
+  end
+end
+local wait_ms = -1
+if taken > 0 then
+  for q = 1, nq do
+    if redis.call('ZCARD', key(q, READY)) > 0 then
+      notify(q)  -- wake another blocked consumer for what is left: a publish wakes only one
+    else
+      redis.call('DEL', key(q, SEQ))  -- FIFO order only matters among ready messages
+    end
+  end
+else
+  for q = 1, nq do
+    for _, source in ipairs({DELAYED, INFLIGHT}) do
+      local first = redis.call('ZRANGE', key(q, source), 0, 0, 'WITHSCORES')
+      if first[2] then
+        local due_in = math.max(0, math.ceil(tonumber(first[2]) - now))
+        if wait_ms < 0 or due_in < wait_ms then wait_ms = due_in end
+      end
+    end
+  end
+end
+return {wait_ms, buried, leased}
+"""
+
+# KEYS: one queue's keys. ARGV: id, token. Returns 1 if deleted.
+_ACK = """
+local id = ARGV[1]
+if not holds_lease(id, ARGV[2]) then return 0 end
+redis.call('ZREM', key(1, INFLIGHT), id)
+redis.call('ZREM', key(1, READY), id)  -- its lease ran out, but nobody took it since
+redis.call('HDEL', key(1, BODY), id)
+redis.call('HDEL', key(1, COUNT), id)
+redis.call('HDEL', key(1, LEASE), id)
+return 1
+"""
+
+# KEYS: one queue's keys. ARGV: id, token, requeue (1/0), delay_ms, reason. Returns 1 if done.
+_NACK = """
+local id = ARGV[1]
+if not holds_lease(id, ARGV[2]) then return 0 end
+if ARGV[3] == '1' then
+  redis.call('ZREM', key(1, INFLIGHT), id)
+  redis.call('ZREM', key(1, READY), id)
+  redis.call('HDEL', key(1, LEASE), id)
+  local now, delay_ms = clock_ms(), tonumber(ARGV[4])
+  if delay_ms > 0 then
+    redis.call('ZADD', key(1, DELAYED), ms(now + delay_ms), id)
+  else
+    make_ready(1, id)
+  end
+  notify(1)
+else
+  local count = tonumber(redis.call('HGET', key(1, COUNT), id) or '0')
+  bury(1, id, count, ARGV[5], clock_ms())
+end
+return 1
+"""
+
+# KEYS: one queue's keys. ARGV: lease_ms, then id, token pairs. Returns how many were renewed.
+_RENEW = """
+local until_ms, renewed = ms(clock_ms() + tonumber(ARGV[1])), 0
+for i = 2, #ARGV, 2 do
+  local id = ARGV[i]
+  if holds_lease(id, ARGV[i + 1]) then
+    -- Also hides it again if its lease had run out and nobody has taken it since.
+    redis.call('ZREM', key(1, READY), id)
+    redis.call('ZADD', key(1, INFLIGHT), until_ms, id)
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+
+# KEYS: one queue's keys. Returns {ready, delayed, reserved, dead}.
+_STATS = """
+local now = ms(clock_ms())
+local due = redis.call('ZCOUNT', key(1, DELAYED), '-inf', now)
+local expired = redis.call('ZCOUNT', key(1, INFLIGHT), '-inf', now)
+return {
+  redis.call('ZCARD', key(1, READY)) + due + expired,
+  redis.call('ZCARD', key(1, DELAYED)) - due,
+  redis.call('ZCARD', key(1, INFLIGHT)) - expired,
+  redis.call('LLEN', key(1, DEAD)),
+}
+"""
+
+# KEYS: one queue's keys. Deletes ready, delayed and expired in-flight messages; returns how many.
+_PURGE = """
+local now = ms(clock_ms())
+local ids = redis.call('ZRANGE', key(1, READY), 0, -1)
+for _, id in ipairs(redis.call('ZRANGE', key(1, DELAYED), 0, -1)) do ids[#ids + 1] = id end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', key(1, INFLIGHT), '-inf', now)) do ids[#ids + 1] = id end
+for i = 1, #ids, 1000 do
+  local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
+  redis.call('HDEL', key(1, BODY), unpack(chunk))
+  redis.call('HDEL', key(1, COUNT), unpack(chunk))
+  redis.call('HDEL', key(1, LEASE), unpack(chunk))
+end
+redis.call('DEL', key(1, READY), key(1, DELAYED), key(1, SEQ))
+redis.call('ZREMRANGEBYSCORE', key(1, INFLIGHT), '-inf', now)
+return #ids
+"""
+
+# KEYS: one queue's keys. ARGV: limit. Returns {id, info, body, ...} of the oldest dead letters.
+_DEAD_LIST = """
+local out = {}
+for _, id in ipairs(redis.call('LRANGE', key(1, DEAD), 0, tonumber(ARGV[1]) - 1)) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', key(1, DEAD_INFO), id) or '[0, 0, ""]'
+  out[#out + 1] = redis.call('HGET', key(1, BODY), id) or ''
+end
+return out
+"""
+
+# KEYS: one queue's keys. Moves every dead letter back to ready with a fresh count.
+_REQUEUE_DEAD = """
+local ids = redis.call('LRANGE', key(1, DEAD), 0, -1)
+local moved = 0
+for _, id in ipairs(ids) do
+  redis.call('HDEL', key(1, DEAD_INFO), id)
+  if redis.call('HEXISTS', key(1, BODY), id) == 1 then
+    redis.call('HDEL', key(1, COUNT), id)
+    make_ready(1, id)
+    moved = moved + 1
+  end
+end
+redis.call('DEL', key(1, DEAD))
+if moved > 0 then notify(1) end
+return moved
+"""
+
+# KEYS: one queue's keys. Deletes every dead letter; returns how many.
+_PURGE_DEAD = """
+local ids = redis.call('LRANGE', key(1, DEAD), 0, -1)
+for i = 1, #ids, 1000 do
+  local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
+  redis.call('HDEL', key(1, BODY), unpack(chunk))
+  redis.call('HDEL', key(1, DEAD_INFO), unpack(chunk))
+end
+redis.call('DEL', key(1, DEAD))
+return #ids
+"""
+
+_SCRIPTS = {
+    "publish": _PUBLISH,
+    "receive": _RECEIVE,
+    "ack": _ACK,
+    "nack": _NACK,
+    "renew": _RENEW,
+    "stats": _STATS,
+    "purge": _PURGE,
+    "dead_list": _DEAD_LIST,
+    "requeue_dead": _REQUEUE_DEAD,
+    "purge_dead": _PURGE_DEAD,
+}
+
+_T = TypeVar("_T")
+
+
+def _script_source(name: str) -> str:
+    used = _SCRIPT_KEYS[name]
+    names = ", ".join(suffix.upper() for suffix in _SUFFIXES)
+    indexes = ", ".join(str(used.index(suffix) + 1) if suffix in used else "nil" for suffix in _SUFFIXES)
+    return f"local K = {len(used)}\nlocal {names} = {indexes}\n{_LUA_PRELUDE}{_SCRIPTS[name]}"
+
+
+#: Script name -> its Lua source, with the header for its keys.
+_SOURCES = {name: _script_source(name) for name in _SCRIPTS}
+
+
+def check_priority(priority: int) -> int:
+    """Return ``priority`` if it is an integer from 0 to 9, else raise ValueError."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        msg = f"priority must be an integer from 0 to 9 (9 most urgent); got {priority!r}"
+        raise ValueError(msg)
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        msg = f"priority {priority} is out of range: use 0 to 9 (9 most urgent)"
+        raise ValueError(msg)
+    return priority
+
+
+def _get_connection_args() -> tuple[str, ...]:
+    """What ``ConnectionPool.get_connection`` needs: a command name before redis-py 5.3, and
+    nothing since (an argument then only earns a DeprecationWarning)."""
+    parameter = inspect.signature(redis.ConnectionPool.get_connection).parameters.get("command_name")
+    return ("EVALSHA",) if parameter is not None and parameter.default is inspect.Parameter.empty else ()
+
+
+_GET_CONNECTION_ARGS = _get_connection_args()
+
+
+def _message_id(priority: int) -> str:
+    return f"{check_priority(priority)}{os.urandom(16).hex()}"
+
+
+class _RawConnection(Protocol):
+    """The part of redis-py's (untyped) ``Connection`` used to run a script directly."""
+
+    def send_command(self, *args: Any) -> None: ...
+    def read_response(self) -> Any: ...
+    def disconnect(self) -> None: ...
+
+
+class _Connection:
+    """This process's connection pool, client and scripts (a forked child makes its own)."""
+
+    def __init__(self, url: str, kwargs: dict[str, Any]) -> None:
+        self.pid = os.getpid()
+        self.pool = redis.ConnectionPool.from_url(url, **kwargs)
+        self.client = redis.Redis(connection_pool=self.pool)
+        self.shas = {name: Script(self.client, source).sha for name, source in _SOURCES.items()}
+
+    def run(self, name: str, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        """One EVALSHA; after NOSCRIPT (Redis restarted or flushed its scripts) load and repeat.
+
+        It talks to a pooled connection directly: ``Redis.execute_command`` adds retries and
+        metrics that cost as much client time as the whole command (measured: 41 us against
+        25 us of CPU for an LPUSH), and the caller handles retries itself.
+        """
+        pool = self.pool
+        pooled = pool.get_connection(*_GET_CONNECTION_ARGS)
+        conn = cast(_RawConnection, pooled)
+        try:
+            conn.send_command("EVALSHA", self.shas[name], len(keys), *keys, *args)
+            try:
+                return conn.read_response()
+            except NoScriptError:
+                conn.send_command("SCRIPT", "LOAD", _SOURCES[name])
+                conn.read_response()
+                conn.send_command("EVALSHA", self.shas[name], len(keys), *keys, *args)
+                return conn.read_response()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            conn.disconnect()  # a reply may be half read: never hand this socket out again
+            raise
+        finally:
+            pool.release(pooled)
+
+    def run_many(self, calls: Sequence[tuple[str, Sequence[bytes], Sequence[Any]]]) -> list[Any]:
+        """Several scripts in one pipelined round trip (not a transaction: each is atomic).
+
+        redis-py's pipeline would check every script with SCRIPT EXISTS first, a second round
+        trip per call; here EVALSHA goes out directly, and only after NOSCRIPT (Redis was
+        restarted) are the scripts loaded and the failed calls sent again.
+        """
+        results = self._pipeline(calls)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            for name in {calls[i][0] for i in missing}:
+                self.client.script_load(_SOURCES[name])
+            for i, result in zip(missing, self._pipeline([calls[i] for i in missing]), strict=True):
+                results[i] = result
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    def _pipeline(self, calls: Sequence[tuple[str, Sequence[bytes], Sequence[Any]]]) -> list[Any]:
+        with self.client.pipeline(transaction=False) as pipe:
+            for name, keys, args in calls:
+                pipe.evalsha(self.shas[name], len(keys), *keys, *args)
+            return list(pipe.execute(raise_on_error=False))
+
+    def close(self) -> None:
+        self.pool.disconnect()
+
+
+#: Connections inherited through fork(): kept referenced and never closed by the child, whose
+#: sockets are the parent's too (closing them could end the parent's connections).
+_INHERITED: list[_Connection] = []
+
+
+class RedisBroker:
+    """The ``redis://`` / ``rediss://`` broker; see the module docstring for its guarantees."""
+
+    supports_priority: ClassVar[bool] = True
+
+    def __init__(self, url: str, conf: Settings) -> None:
+        self.url = url
+        self.visibility_timeout_s = conf.visibility_timeout
+        self.max_deliveries = conf.max_deliveries
+        options = dict(conf.broker_options)
+        unknown = sorted(set(options) - _OPTIONS)
+        if unknown:
+            msg = f"unknown broker_options {unknown} for the redis broker {mask_url(url)!r}; known: {sorted(_OPTIONS)}"
+            raise ConfigurationError(msg)
+        self.key_prefix = str(options.pop("key_prefix", DEFAULT_KEY_PREFIX))
+        if "{" in self.key_prefix or "}" in self.key_prefix:
+            msg = f"broker_options key_prefix {self.key_prefix!r} must not contain braces: they mark the hash tag"
+            raise ConfigurationError(msg)
+        self.publish_retry_s = _seconds(options, "publish_retry_s", DEFAULT_PUBLISH_RETRY_S)
+        self.socket_timeout_s = _seconds(options, "socket_timeout", DEFAULT_SOCKET_TIMEOUT_S)
+        self._pool_kwargs: dict[str, Any] = {
+            "socket_timeout": self.socket_timeout_s,
+            "socket_connect_timeout": _seconds(options, "socket_connect_timeout", DEFAULT_CONNECT_TIMEOUT_S),
+            # No silent retries: a re-sent script whose reply was lost could run twice (lease
+            # messages nobody receives). The pool replaces a connection the server closed when
+            # it is taken out; outages are retried above, where an operation is known safe to repeat.
+            "retry": Retry(redis.backoff.NoBackoff(), 0),
+            # RESP2: the replies of every redis-py version >= 5 look the same.
+            "protocol": 2,
+            **options,
+        }
+        self._block_s = min(MAX_BLOCK_S, self.socket_timeout_s / 2)
+        self._keys: dict[tuple[str, str], list[bytes]] = {}
+        self._lock = threading.Lock()
+        self._conn: _Connection | None = None
+        try:
+            redis.ConnectionPool.from_url(url)  # parse now: a bad URL fails at App(), not at first use
+        except ValueError as exc:
+            msg = f"bad redis broker URL {mask_url(url)!r}: {exc}; expected redis://[:password@]host[:port][/db]"
+            raise ConfigurationError(msg) from None
+
+    def __repr__(self) -> str:
+        return f"<RedisBroker {mask_url(self.url)}>"
+
+    # -- connections and errors ----------------------------------------------------------
+
+    def _connection(self) -> _Connection:
+        """This process's connection; a forked child builds its own, leaving the parent's alone."""
+        conn = self._conn
+        if conn is not None and conn.pid == os.getpid():
+            return conn
+        if conn is not None:
+            # Forked: another thread of the parent may have held the lock at fork time.
+            self._lock = threading.Lock()
+        with self._lock:
+            conn = self._conn
+            if conn is None or conn.pid != os.getpid():
+                if conn is not None:
+                    _INHERITED.append(conn)
+                conn = self._conn = _Connection(self.url, self._pool_kwargs)
+        return conn
+
+    def keys(self, queue: str, script: str = "receive") -> list[bytes]:
+        """The Redis keys of ``queue`` that ``script`` gets, in its order (``_SCRIPT_KEYS``)."""
+        found = self._keys.get((script, queue))
+        if found is None:
+            if not queue:
+                msg = "a queue name must not be empty"
+                raise ValueError(msg)
+            found = [f"{self.key_prefix}:{{{queue}}}:{suffix}".encode() for suffix in _SCRIPT_KEYS[script]]
+            if len(self._keys) < 10_000:  # a bounded cache: queue names come from users
+                self._keys[(script, queue)] = found
+        return found
+
+    def _error(self, exc: redis.exceptions.RedisError, action: str) -> BrokerError:
+        """A one-line broker error for a redis-py error, naming the URL and what to do."""
+        where = f"redis broker {mask_url(self.url)}"
+        if isinstance(exc, (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)):
+            return BrokerError(f"cannot {action} on {where}: {exc}; check the user and password in the URL")
+        if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+            msg = f"cannot {action} on {where}: {str(exc).rstrip('.')}; is Redis running and reachable at that address?"
+            return BrokerConnectionError(msg)
+        return BrokerError(f"cannot {action} on {where}: {type(exc).__name__}: {exc}")
+
+    def _run(self, action: str, name: str, queue: str, args: Sequence[Any]) -> Any:
+        """Run script ``name`` on the keys of ``queue``."""
+        try:
+            return self._connection().run(name, self.keys(queue, name), args)
+        except redis.exceptions.RedisError as exc:
+            raise self._error(exc, action) from exc
+
+    def _run_many(self, action: str, calls: Sequence[tuple[str, Sequence[bytes], Sequence[Any]]]) -> list[Any]:
+        try:
+            return self._connection().run_many(calls)
+        except redis.exceptions.RedisError as exc:
+            raise self._error(exc, action) from exc
+
+    def _retry(self, first: BrokerConnectionError, operation: Callable[[], _T]) -> _T:
+        """Retry ``operation``, which just failed with ``first``, until ``publish_retry_s`` ends."""
+        deadline = time.monotonic() + self.publish_retry_s
+        pause_s, attempt, error = RETRY_MIN_S, 1, first
+        log.warning("%s; retrying for up to %gs", error, self.publish_retry_s)
+        while (remaining_s := deadline - time.monotonic()) > 0:
+            time.sleep(min(pause_s, remaining_s))
+            pause_s = min(pause_s * 2, RETRY_MAX_S)
+            attempt += 1
+            try:
+                return operation()
+            except BrokerConnectionError as exc:
+                error = exc
+        msg = f"{error} (gave up after {attempt} attempts over {self.publish_retry_s:g}s)"
+        raise BrokerConnectionError(msg) from error.__cause__
+
+    def close(self) -> None:
+        """Close this process's connections; a later call reconnects. A child never closes
+        the connections it inherited."""
+        conn = self._conn
+        if conn is not None and conn.pid != os.getpid():
+            self._lock = threading.Lock()  # the parent's may have been held at fork time
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            if conn.pid == os.getpid():
+                conn.close()
+            else:
+                _INHERITED.append(conn)
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish(
+        self,
+        queue: str,
+        envelope: Envelope,
+        *,
+        delay_s: float = 0.0,
+        priority: int = DEFAULT_PRIORITY,
+    ) -> None:
+        args = (_message_id(priority), envelope.to_bytes(), _delay_ms(delay_s))
+        try:
+            self._connection().run("publish", self.keys(queue, "publish"), args)
+        except redis.exceptions.RedisError as exc:
+            action = f"publish to {queue!r}"
+            error = self._error(exc, action)
+            if not isinstance(error, BrokerConnectionError):
+                raise error from exc
+            # The same id goes out again: if the first attempt did land, this overwrites it.
+            self._retry(error, lambda: self._run(action, "publish", queue, args))
+
+    def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
+        # Ids and bodies first: a bad priority fails before anything is sent, and a retry
+        # re-sends the same ids, which overwrite instead of duplicating.
+        calls = [
+            (
+                "publish",
+                self.keys(m.queue, "publish"),
+                (_message_id(m.priority), m.envelope.to_bytes(), _delay_ms(m.delay_s)),
+            )
+            for m in messages
+        ]
+        if not calls:
+            return
+        try:
+            self._run_many("publish", calls)
+        except BrokerConnectionError as error:
+            self._retry(error, lambda: self._run_many("publish", calls))
+
+    # -- consuming -----------------------------------------------------------------------
+
+    def consumer(self, queues: Sequence[str], *, prefetch: int) -> RedisConsumer:
+        """A consumer of ``queues``; pings Redis, so a worker reconnecting backs off while it is down."""
+        consumer = RedisConsumer(self, queues, prefetch=prefetch)
+        try:
+            self._connection().client.ping()
+        except redis.exceptions.RedisError as exc:
+            raise self._error(exc, "connect") from exc
+        return consumer
+
+    # -- inspection and administration --------------------------------------------------
+
+    def stats(self, queue: str) -> QueueStats:
+        ready, delayed, reserved, dead = self._run("read stats", "stats", queue, ())
+        return QueueStats(queue, ready=int(ready), delayed=int(delayed), reserved=int(reserved), dead=int(dead))
+
+    def purge(self, queue: str) -> int:
+        return int(self._run(f"purge {queue!r}", "purge", queue, ()))
+
+    def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
+        if limit <= 0:
+            return []
+        flat = self._run("list dead letters", "dead_list", queue, (limit,))
+        return [_dead_letter(queue, *flat[i : i + 3]) for i in range(0, len(flat), 3)]
+
+    def requeue_dead(self, queue: str) -> int:
+        return int(self._run("requeue dead letters", "requeue_dead", queue, ()))
+
+    def purge_dead(self, queue: str) -> int:
+        return int(self._run("purge dead letters", "purge_dead", queue, ()))
+
+
+class RedisConsumer:
+    """Leases messages of a fixed list of queues; see :class:`taskframe.broker.Consumer`.
+
+    Nothing is buffered between calls: the worker asks for what it has room for through
+    ``max_messages``, so ``prefetch`` needs no enforcing here. Ack, nack and renew work on any
+    delivery of the same broker, whichever consumer received it (the worker makes a new
+    consumer after a lost connection and settles the old one's deliveries through it).
+    """
+
+    def __init__(self, broker: RedisBroker, queues: Sequence[str], *, prefetch: int) -> None:
+        if not queues:
+            msg = "a consumer needs at least one queue name"
+            raise ValueError(msg)
+        self.broker = broker
+        self.queues = list(queues)
+        self.prefetch = prefetch
+        self.id = uuid.uuid4().hex[:16]
+        self._receipts = itertools.count(1)
+        self._keys = [key for queue in self.queues for key in broker.keys(queue, "receive")]
+        notify = _SCRIPT_KEYS["receive"].index("notify")
+        self._notify_keys = [broker.keys(queue, "receive")[notify] for queue in self.queues]
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<RedisConsumer {self.id} of {self.queues} on {self.broker!r}>"
+
+    def receive(self, timeout_s: float, *, max_messages: int = 1) -> list[Delivery]:
+        if max_messages < 1:
+            msg = f"max_messages must be at least 1; got {max_messages}"
+            raise ValueError(msg)
+        if self._closed:
+            msg = f"{self!r} is closed; create a new consumer"
+            raise BrokerError(msg)
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        while True:
+            deliveries, wait_ms = self._lease(max_messages)
+            if deliveries:
+                return deliveries
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return []
+            if wait_ms >= 0:
+                remaining_s = min(remaining_s, wait_ms / 1000)
+            self._block(min(remaining_s, self.broker._block_s))
+
+    def _lease(self, limit: int) -> tuple[list[Delivery], int]:
+        """One script: promote what is due, lease up to ``limit``; returns (deliveries, wait_ms)."""
+        broker = self.broker
+        token = f"{self.id}.{next(self._receipts)}"
+        args = (limit, round(broker.visibility_timeout_s * 1000), broker.max_deliveries, token, PROMOTE_BATCH)
+        try:
+            wait_ms, buried, leased = broker._connection().run("receive", self._keys, args)
+        except redis.exceptions.RedisError as exc:
+            raise broker._error(exc, "receive") from exc
+        for i in range(0, len(buried), 3):
+            queue, message_id, count = self.queues[int(buried[i]) - 1], buried[i + 1].decode(), int(buried[i + 2])
+            log.warning(
+                "message %s of queue %r dead-lettered: delivered %d times without an ack (max_deliveries=%d)",
+                message_id,
+                queue,
+                count,
+                broker.max_deliveries,
+            )
+        deliveries = []
+        for i in range(0, len(leased), 4):
+            queue = self.queues[int(leased[i]) - 1]
+            message_id, count, body = leased[i + 1].decode(), int(leased[i + 2]), leased[i + 3]
+            tag = (queue, message_id, token)
+            try:
+                envelope = Envelope.from_bytes(body)
+            except MessageError as exc:
+                reason = f"unreadable frame: {exc}"
+                broker._run("dead-letter", "nack", queue, (message_id, token, 0, 0, reason))
+                log.warning("message %s of queue %r dead-lettered: %s", message_id, queue, exc)
+                continue
+            deliveries.append(Delivery(envelope, queue, count, tag))
+        return deliveries, int(wait_ms)
+
+    def _block(self, timeout_s: float) -> None:
+        """Wait on the queues' notification lists for a publish, a requeue or a new delay.
+
+        BLPOP's timeout 0 means forever, and Redis counts whole milliseconds: never below 1 ms.
+        """
+        try:
+            self.broker._connection().client.blpop(self._notify_keys, timeout=f"{max(timeout_s, 0.001):.3f}")  # type: ignore[arg-type]
+        except redis.exceptions.RedisError as exc:
+            raise self.broker._error(exc, "wait for messages") from exc
+
+    def ack(self, delivery: Delivery) -> None:
+        queue, message_id, token = delivery.tag
+        self.broker._run("ack", "ack", queue, (message_id, token))
+
+    def nack(self, delivery: Delivery, *, requeue: bool, reason: str = "", delay_s: float = 0.0) -> None:
+        queue, message_id, token = delivery.tag
+        args = (message_id, token, int(requeue), _delay_ms(delay_s), reason or "rejected by the worker")
+        self.broker._run("nack", "nack", queue, args)
+
+    def renew(self, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
+        by_queue: dict[str, list[str]] = {}
+        for delivery in deliveries:
+            queue, message_id, token = delivery.tag
+            by_queue.setdefault(queue, []).extend((message_id, token))
+        lease_ms = round(self.broker.visibility_timeout_s * 1000)
+        calls = [("renew", self.broker.keys(queue, "renew"), (lease_ms, *pairs)) for queue, pairs in by_queue.items()]
+        renewed = sum(int(n) for n in self.broker._run_many("renew leases", calls))
+        if renewed < len(deliveries):
+            log.warning(
+                "%d of %d leases had been lost (expired and received by another consumer, or"
+                " acked); those messages may run twice",
+                len(deliveries) - renewed,
+                len(deliveries),
+            )
+
+    def close(self) -> None:
+        # Nothing is buffered: unacked deliveries come back when their leases end.
+        self._closed = True
+
+
+def _seconds(options: dict[str, Any], name: str, default: float) -> float:
+    value = options.pop(name, default)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    # A socket timeout of 0 would make redis-py's sockets non-blocking.
+    if not is_number or value < 0 or (value == 0 and name.startswith("socket")):
+        msg = f"broker_options {name} must be a number of seconds (above 0 for socket timeouts), got {value!r}"
+        raise ConfigurationError(msg)
+    return float(value)
+
+
+def _delay_ms(delay_s: float) -> int:
+    return max(0, round(delay_s * 1000))
+
+
+def _dead_letter(queue: str, raw_id: bytes, raw_info: bytes, body: bytes) -> DeadLetter:
+    deliveries, dead_at, reason = json.loads(raw_info)
+    try:
+        envelope = Envelope.from_bytes(body)
+    except MessageError:
+        # Listing must work even for the garbage that got a message buried.
+        envelope = Envelope(body=bytes(body), headers={}, content_encoding="binary")
+    task = envelope.headers.get("task")
+    return DeadLetter(
+        id=raw_id.decode(),
+        task=str(task) if task is not None else None,
+        queue=queue,
+        deliveries=int(deliveries),
+        reason=str(reason),
+        dead_at=float(dead_at),
+        envelope=envelope,
+    )
+
+
+if TYPE_CHECKING:  # mypy proves the adapter still fits the core's protocols
+
+    def _fits(url: str, conf: Settings) -> tuple[Broker, Consumer]:
+        broker = RedisBroker(url, conf)
+        return broker, broker.consumer(["q"], prefetch=1)
