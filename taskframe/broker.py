@@ -204,7 +204,9 @@ class Broker(Protocol):
 
     def consumer(self, queues: Sequence[str], *, prefetch: int) -> Consumer:
         """A consumer of ``queues`` (earlier queues first on ties) holding at most ``prefetch``
-        unacked deliveries where the broker enforces it."""
+        unacked deliveries where the broker enforces it. Must raise
+        :class:`~taskframe.exceptions.BrokerConnectionError` when the broker cannot be reached
+        (the worker's reconnection loop relies on it to back off)."""
         ...
 
     def stats(self, queue: str) -> QueueStats: ...

@@ -22,7 +22,7 @@ from . import states
 from .broker import Envelope
 from .canvas import Signature
 from .enqueue import resolve_enqueued
-from .exceptions import ChordError, MessageError, NotRegistered, Retry, TaskframeError
+from .exceptions import BackendError, BrokerError, ChordError, MessageError, NotRegistered, Retry, TaskframeError
 from .message import Message, parse_isoformat
 from .result import encode_exception
 from .serialization import json_dumps, json_loads
@@ -103,7 +103,28 @@ class Executor:
         self.hostname = hostname or f"{os.getpid()}@{socket.gethostname()}"
         self.limit_guard = limit_guard
 
+    #: Seconds before a message whose result could not be stored is offered again.
+    STORE_RETRY_DELAY_S = 1.0
+
     def execute(self, envelope: Envelope, queue: str, deliveries: int = 1) -> Outcome:
+        """Handle one message; never raises for a problem of the message or the task."""
+        try:
+            return self._execute(envelope, queue, deliveries)
+        except (BackendError, BrokerError) as exc:
+            # The backend or broker failed around the task (storing its result, sending what
+            # follows): hand the message back so it runs again, rather than ack a result that
+            # nobody can read. Each such hand-back counts toward max_deliveries.
+            task_id = envelope.task_id
+            log.error(
+                "Task %s[%s]: %s; the message goes back to the queue",
+                envelope.headers.get("task"),
+                task_id,
+                mask_url(str(exc)),
+            )
+            reason = f"{type(exc).__name__}: {mask_url(str(exc))}"
+            return Outcome("requeue", task_id, None, None, reason, delay_s=self.STORE_RETRY_DELAY_S)
+
+    def _execute(self, envelope: Envelope, queue: str, deliveries: int) -> Outcome:
         try:
             message = Message.from_envelope(envelope, self.app.conf.accept_content)
         except MessageError as exc:

@@ -142,6 +142,9 @@ class SoloPool:
             outcome = self.executor.execute(job.delivery.envelope, job.delivery.queue, job.delivery.deliveries)
         except WorkerTerminate:
             outcome = Outcome("requeue", job.task_id, job.task_name, None, "cold shutdown")
+        except Exception as exc:  # a bug around the task must not take the worker down
+            log.exception("Task %s: the worker failed around it; the message goes back to the queue", job.label)
+            outcome = Outcome("requeue", job.task_id, job.task_name, None, repr(exc))
         finally:
             self.current = None
         self._done.append((job, outcome))
@@ -218,8 +221,9 @@ class ThreadPool:
             try:
                 d = job.delivery
                 outcome = self.executor.execute(d.envelope, d.queue, d.deliveries)
-            except BaseException as exc:  # an async exception landing outside the task
-                outcome = Outcome("ack", job.task_id, job.task_name, states.FAILURE, repr(exc))
+            except BaseException as exc:  # a bug, or an async exception landing outside the task
+                log.exception("Task %s: the worker failed around it; the message goes back to the queue", job.label)
+                outcome = Outcome("requeue", job.task_id, job.task_name, None, repr(exc))
             finally:
                 with self._lock:
                     self._running.pop(threading.get_ident(), None)
@@ -309,7 +313,8 @@ def _child_main(app: App, conn: Connection, inherited: list[Connection], hostnam
         try:
             outcome = executor.execute(envelope, queue_name, deliveries)
         except BaseException as exc:  # never let the child die with the message unanswered
-            outcome = Outcome("ack", envelope.task_id, None, states.FAILURE, repr(exc))
+            log.exception("the worker failed around task %s; the message goes back to the queue", envelope.task_id)
+            outcome = Outcome("requeue", envelope.task_id, None, None, repr(exc))
         done += 1
         retiring = bool(max_tasks and done >= max_tasks)
         # Saying so with the result lets the parent replace this child before it sends the

@@ -342,3 +342,26 @@ def test_calling_a_chain_or_group_sends_it(app: App) -> None:
     with start_worker(app):
         assert (add.s(1, 1) | add.s(2))().get(timeout=5) == 4
         assert group(add.s(1, 1), add.s(2, 2))().get(timeout=5) == [2, 4]
+
+
+def test_a_result_that_cannot_be_stored_sends_the_message_back(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a backend that fails once when the worker stores a result (an outage)
+    from taskframe.exceptions import BackendError
+
+    backend = app.backend
+    real_store = backend.store
+    failures: list[str] = []
+
+    def store_failing_once(task_id: str, record: dict[str, Any], *, ttl_s: float | None) -> None:
+        if record["status"] == "SUCCESS" and not failures:
+            failures.append(task_id)
+            msg = "backend unreachable (simulated outage)"
+            raise BackendError(msg)
+        real_store(task_id, record, ttl_s=ttl_s)
+
+    monkeypatch.setattr(backend, "store", store_failing_once)
+    # When the task runs, Then the message goes back and its second run stores the result
+    with start_worker(app):
+        result = app.tasks["t.add"].delay(2, 3)
+        assert result.get(timeout=10) == 5
+    assert failures == [result.id]
