@@ -308,12 +308,19 @@ class Worker:
                     )
                 else:
                     self._reconnect()
+            except BrokerError as exc:  # refused, not lost: retrying would not help
+                log.error(
+                    "could not ack %s (%s): it will run again after its lease ends",
+                    delivery.envelope.task_id,
+                    mask_url(str(exc)),
+                )
+                return
 
     def _nack(self, delivery: Delivery, *, requeue: bool, reason: str = "", delay_s: float = 0.0) -> None:
         try:
             assert self._consumer is not None
             self._consumer.nack(delivery, requeue=requeue, reason=reason, delay_s=delay_s)
-        except BrokerConnectionError as exc:
+        except BrokerError as exc:
             log.error(
                 "could not hand back %s (%s): it returns after its lease ends",
                 delivery.envelope.task_id,

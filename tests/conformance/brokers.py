@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests import redis_service
+from tests import rabbitmq_service, redis_service
 
 
 def _always_available() -> str | None:
@@ -40,6 +40,12 @@ class BrokerSpec:
     lease_s: float = 0.5
     unavailable: Callable[[], str | None] = _always_available
     marks: tuple[Any, ...] = field(default=())
+    #: An ack that comes after the lease ran out still deletes the message when nobody received
+    #: it since. False for amqp: the lease's end already published a copy, which runs again.
+    late_ack_deletes: bool = True
+    #: ``stats().reserved`` counts deliveries held by other processes too. False for amqp:
+    #: AMQP reports no unacked counts (only the management API does), so it counts its own.
+    counts_others_reserved: bool = True
 
 
 BROKERS: list[BrokerSpec] = [
@@ -55,5 +61,14 @@ BROKERS: list[BrokerSpec] = [
         lambda tmp_path: redis_service.url(redis_service.BROKER_DB),
         crosses_processes=True,
         unavailable=redis_service.unavailable,
+    ),
+    # RabbitMQ: a vhost per test session (tests/rabbitmq_service.py); queues with x-max-priority 9.
+    BrokerSpec(
+        "amqp",
+        lambda tmp_path: rabbitmq_service.url(max_priority=9),
+        crosses_processes=True,
+        unavailable=rabbitmq_service.unavailable,
+        late_ack_deletes=False,
+        counts_others_reserved=False,
     ),
 ]

@@ -383,6 +383,8 @@ def test_late_ack_after_the_lease_ran_out_still_deletes_if_nobody_took_it(
 ) -> None:
     # The work is done and no other consumer holds the message, so deleting it is safe and
     # saves a second run.
+    if not broker_spec.late_ack_deletes:
+        pytest.skip(f"{broker_spec.name}: late_ack_deletes=False (the lease's end already handed a copy back)")
     broker.publish(queue, message("a"))
     consumer = broker.consumer([queue], prefetch=1)
     delivery = receive_one(consumer)
@@ -569,7 +571,8 @@ def test_messages_of_a_killed_consumer_come_back(
         assert child.stdout is not None
         line = child.stdout.readline()
         assert line.split() == ["received", "survivor", "1"], child.stderr and child.stderr.read()
-        assert counts(broker, queue) == (0, 0, 1, 0)
+        if broker_spec.counts_others_reserved:  # AMQP reports no unacked counts without its management API
+            assert counts(broker, queue) == (0, 0, 1, 0)
         # When it is killed with SIGKILL (no cleanup, no nack)
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)

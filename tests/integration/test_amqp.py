@@ -1,0 +1,341 @@
+"""RabbitMQ specifics, on this session's vhost (tests/rabbitmq_service.py): Celery's wire layout,
+delay levels, delivery counting over lost connections, reconnection, heartbeats during a long
+task, and real worker processes (killed, across a broker restart, 5,000 tasks on two workers).
+
+The broker restart (``rabbitmqctl stop_app`` / ``start_app``) stops the whole node for a few
+seconds, so it runs only in CI (``CI=true``) or with ``TASKFRAME_TEST_RABBITMQ_RESTART=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pika
+import pytest
+
+from taskframe.broker import Broker, Envelope, OutgoingMessage
+from taskframe.exceptions import BrokerConnectionError, ConfigurationError
+from taskframe.registry import create_broker
+from taskframe.settings import Settings
+from tests import rabbitmq_service
+from tests.conftest import CI, stop_worker
+
+RESTART_ALLOWED = CI or os.environ.get("TASKFRAME_TEST_RABBITMQ_RESTART") == "1"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _rabbitmq() -> None:
+    reason = rabbitmq_service.unavailable()
+    if reason:
+        if CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def queue() -> str:
+    return f"tf-amqp-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_broker() -> Iterator[Any]:
+    made: list[Broker] = []
+
+    def make(url: str | None = None, **settings: Any) -> Broker:
+        url = url or rabbitmq_service.url()
+        broker = create_broker(url, Settings(broker_url=url, **settings))
+        made.append(broker)
+        return broker
+
+    yield make
+    for broker in made:
+        broker.close()
+
+
+@pytest.fixture
+def raw_channel() -> Iterator[Any]:
+    """A plain pika channel on this session's vhost, to look at what the adapter did."""
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_service.url()))
+    yield connection.channel()
+    connection.close()
+
+
+def task_message(task_id: str, task: str = "tests.amqp.task", priority: int = 4) -> Envelope:
+    return Envelope(
+        body=b'[[1, 2], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]',
+        headers={"lang": "py", "task": task, "id": task_id, "root_id": task_id, "retries": 0, "timelimit": [None, 2.5]},
+        properties={"correlation_id": task_id, "reply_to": None, "priority": priority, "delivery_mode": 2},
+    )
+
+
+# -- URLs, options and errors ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["//", "/%2F", ""])
+def test_both_spellings_of_the_default_vhost_mean_slash(path: str) -> None:
+    url = f"amqp://guest:guest@127.0.0.1:5672{path}"
+    broker = create_broker(url, Settings(broker_url=url))
+    try:
+        assert broker._params.virtual_host == "/"  # type: ignore[attr-defined]
+    finally:
+        broker.close()
+
+
+def test_priority_support_follows_the_max_priority_option() -> None:
+    plain_url = rabbitmq_service.url()
+    plain = create_broker(plain_url, Settings(broker_url=plain_url))
+    by_option = create_broker(plain_url, Settings(broker_url=plain_url, broker_options={"max_priority": 9}))
+    by_query = create_broker(rabbitmq_service.url(max_priority=9), Settings())
+    try:
+        assert [type(b).supports_priority for b in (plain, by_option, by_query)] == [False, True, True]
+    finally:
+        for broker in (plain, by_option, by_query):
+            broker.close()
+
+
+def test_bad_options_and_urls_say_what_to_do() -> None:
+    url = rabbitmq_service.url()
+    with pytest.raises(ConfigurationError, match="unknown amqp broker option.*known: max_priority, queue_type"):
+        create_broker(url, Settings(broker_url=url, broker_options={"prefetch": 3}))
+    with pytest.raises(ConfigurationError, match="max_priority must be an integer from 1 to 255"):
+        create_broker(url, Settings(broker_url=url, broker_options={"max_priority": 300}))
+    with pytest.raises(ConfigurationError, match="quorum queues have no x-max-priority"):
+        create_broker(url, Settings(broker_url=url, broker_options={"max_priority": 9, "queue_type": "quorum"}))
+
+
+def test_wrong_password_and_missing_vhost_name_the_masked_url(make_broker: Any, queue: str) -> None:
+    bad_password = "amqp://guest:not-the-password@127.0.0.1:5672/%2F"
+    with pytest.raises(BrokerConnectionError, match=r"guest:\*\*\*@.*refused the login.*user name and password"):
+        make_broker(bad_password).publish(queue, task_message("a"))
+    missing = "amqp://guest:guest@127.0.0.1:5672/no-such-vhost-for-taskframe"
+    with pytest.raises(BrokerConnectionError, match="no-such-vhost-for-taskframe.*add_vhost"):
+        make_broker(missing).consumer([queue], prefetch=1)
+
+
+def test_an_unreachable_broker_fails_within_the_publish_bound(make_broker: Any, queue: str) -> None:
+    broker = make_broker("amqp://guest:secret@127.0.0.1:1/%2F")  # nothing listens on port 1
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError, match=r"after 3 attempts.*guest:\*\*\*@127.0.0.1:1.*is it running"):
+        broker.publish(queue, task_message("a"))
+    assert time.monotonic() - started < 10
+
+
+# -- Celery's wire layout ------------------------------------------------------------------
+
+
+def test_queue_exchange_and_message_are_laid_out_as_celery_does(make_broker: Any, raw_channel: Any, queue: str) -> None:
+    # Given a broker without options (no queue arguments, as Celery declares them)
+    broker = make_broker()
+    broker.publish(queue, task_message("t-1", priority=7), priority=7)
+    # Then a durable direct exchange and a durable queue named Q exist: redeclaring them
+    # exactly as kombu does succeeds (RabbitMQ refuses a declaration that differs)
+    raw_channel.exchange_declare(queue, exchange_type="direct", durable=True)
+    raw_channel.queue_declare(queue, durable=True)
+    # And the message carries protocol v2 headers and Celery's properties
+    method, props, body = raw_channel.basic_get(queue, auto_ack=True)
+    assert (method.exchange, method.routing_key) == (queue, queue)
+    assert props.headers["task"] == "tests.amqp.task" and props.headers["id"] == "t-1"
+    assert not any(key.startswith("x-taskframe") for key in props.headers)  # a taskframe message needs none
+    assert (props.correlation_id, props.priority, props.delivery_mode) == ("t-1", 7, 2)
+    assert (props.content_type, props.content_encoding) == ("application/json", "utf-8")
+    assert body == task_message("t-1").body
+
+
+def test_a_message_published_as_celery_does_is_received(make_broker: Any, raw_channel: Any, queue: str) -> None:
+    # Given a queue declared and published to by a Celery-like producer (no taskframe headers)
+    raw_channel.exchange_declare(queue, exchange_type="direct", durable=True)
+    raw_channel.queue_declare(queue, durable=True)
+    raw_channel.queue_bind(queue, queue, routing_key=queue)
+    headers = {"lang": "py", "task": "proj.add", "id": "c-1", "retries": 0, "timelimit": [None, None]}
+    props = pika.BasicProperties(
+        content_type="application/json",
+        content_encoding="utf-8",
+        headers=headers,
+        correlation_id="c-1",
+        delivery_mode=2,
+    )
+    raw_channel.basic_publish(queue, queue, b"[[2, 2], {}, {}]", props)
+    # When taskframe receives it, Then the envelope is the one Celery sent
+    consumer = make_broker().consumer([queue], prefetch=1)
+    [delivery] = consumer.receive(3.0)
+    assert delivery.envelope.headers == headers
+    assert delivery.envelope.task_id == "c-1"
+    assert delivery.envelope.properties["correlation_id"] == "c-1"
+    consumer.ack(delivery)
+
+
+# -- delays ---------------------------------------------------------------------------------
+
+
+def test_a_short_delay_is_not_stuck_behind_a_long_one(make_broker: Any, queue: str) -> None:
+    broker = make_broker()
+    broker.publish(queue, task_message("long"), delay_s=30.0)
+    broker.publish(queue, task_message("short"), delay_s=0.3)
+    published_at = time.monotonic()
+    assert broker.stats(queue).delayed == 2
+    [delivery] = broker.consumer([queue], prefetch=1).receive(5.0)
+    waited_s = time.monotonic() - published_at
+    assert delivery.envelope.task_id == "short"
+    assert 0.25 <= waited_s < 2.0, f"a 0.3 s delay took {waited_s:.2f}s"
+    assert broker.stats(queue).delayed == 1
+    assert broker.purge(queue) == 1
+    assert broker.stats(queue).delayed == 0
+
+
+# -- delivery counting and dead letters over lost connections ---------------------------------
+
+
+def test_a_message_whose_consumer_keeps_dying_is_dead_lettered(make_broker: Any, queue: str) -> None:
+    # Given max_deliveries=2, and consumers that close (as a crashed worker's connection does)
+    broker = make_broker(max_deliveries=2)
+    broker.publish(queue, task_message("crasher"))
+    counts = []
+    for _ in range(2):
+        consumer = broker.consumer([queue], prefetch=1)
+        [delivery] = consumer.receive(3.0)
+        counts.append(delivery.deliveries)
+        consumer.close()  # unacked: RabbitMQ requeues it with `redelivered` set
+    # Then each return was counted, and the third delivery goes to the dead letters instead
+    assert counts == [1, 2]
+    assert broker.consumer([queue], prefetch=1).receive(0.5) == []
+    [dead] = broker.dead_letters(queue)
+    assert (dead.envelope.task_id, dead.deliveries) == ("crasher", 2)
+    assert "max_deliveries=2" in dead.reason
+    assert broker.stats(queue).dead == 1  # listing put it back
+
+
+def test_quorum_queues_count_with_x_delivery_count(make_broker: Any, queue: str) -> None:
+    broker = make_broker(rabbitmq_service.url(queue_type="quorum"), max_deliveries=2)
+    broker.publish(queue, task_message("q"))
+    counts = []
+    for _ in range(2):
+        consumer = broker.consumer([queue], prefetch=1)
+        [delivery] = consumer.receive(3.0)
+        counts.append(delivery.deliveries)
+        consumer.close()
+    assert counts == [1, 2]
+    assert broker.consumer([queue], prefetch=1).receive(0.5) == []
+    assert broker.stats(queue).dead == 1
+
+
+# -- connection loss ------------------------------------------------------------------------
+
+
+def close_connections_of_this_vhost() -> None:
+    done = rabbitmq_service.rabbitmqctl(
+        "close_all_connections", "-p", rabbitmq_service.VHOST, "taskframe test: connection loss"
+    )
+    assert done.returncode == 0, done.stderr
+    time.sleep(0.3)  # the close reaches the clients
+
+
+def test_a_lost_connection_is_reported_once_then_reopened(make_broker: Any, queue: str) -> None:
+    broker = make_broker()
+    broker.publish_many([OutgoingMessage(queue, task_message(str(i))) for i in range(2)])
+    consumer = broker.consumer([queue], prefetch=2)
+    [held] = consumer.receive(3.0)
+    # When RabbitMQ closes every connection of the vhost
+    close_connections_of_this_vhost()
+    # Then the consumer says so once (the worker opens a new one), its ack is a no-op, and
+    # nothing is lost: the held message is back in the queue
+    with pytest.raises(BrokerConnectionError, match="went back to their queues"):
+        consumer.receive(1.0)
+    consumer.ack(held)
+    broker.publish(queue, task_message("after"))  # publishing reconnects by itself
+    fresh = broker.consumer([queue], prefetch=5)
+    received = fresh.receive(3.0, max_messages=5)
+    assert sorted(d.envelope.task_id or "" for d in received) == ["0", "1", "after"]
+    assert {d.envelope.task_id: d.deliveries for d in received}["0"] == 2  # redelivered: counted
+
+
+# -- real worker processes ------------------------------------------------------------------
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    return rabbitmq_service.url(max_priority=9)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_s_task_comes_back_at_once_and_completes(make_tasks: Any, amqp_url: str) -> None:
+    # Given a long visibility_timeout: only AMQP's connection loss can bring the task back soon
+    tasks = make_tasks(amqp_url, visibility_timeout=120.0)
+    result = tasks.sleep_then.delay(1.0, "survivor")
+    first = tasks.start_worker("-P", "solo")
+    tasks.wait_for_line("started.txt", 1)
+    # When the worker is SIGKILLed mid-task
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    killed_at = time.monotonic()
+    # Then the next worker runs it again right away (not after 120 s), and it succeeds
+    tasks.start_worker("-P", "solo")
+    assert result.get(timeout=20) == "survivor"
+    assert time.monotonic() - killed_at < 15
+    assert tasks.lines("started.txt") == ["survivor", "survivor"]
+    assert tasks.lines("finished.txt") == ["survivor"]
+
+
+@pytest.mark.slow
+def test_a_long_task_keeps_its_connection_with_a_short_heartbeat(make_tasks: Any) -> None:
+    # A solo worker runs the task in its main thread and calls the broker not once meanwhile;
+    # RabbitMQ drops a connection after two missed heartbeats (10 s with heartbeat=5), so a
+    # 15 s task proves the connection thread keeps them flowing (30 s proves no more).
+    tasks = make_tasks(rabbitmq_service.url(heartbeat=5), visibility_timeout=5.0)
+    result = tasks.sleep_then.delay(15.0, "long")
+    worker = tasks.start_worker("-P", "solo", "-l", "info")
+    assert result.get(timeout=40) == "long"
+    code, output = stop_worker(worker)
+    assert code == 0, output
+    assert "lost the" not in output, output
+    assert tasks.lines("started.txt") == ["long"]  # it ran once: never redelivered
+
+
+@pytest.mark.slow
+def test_five_thousand_tasks_on_two_workers_none_lost_or_twice(make_tasks: Any, amqp_url: str) -> None:
+    tasks = make_tasks(amqp_url)
+    calls: list[tuple[str, tuple[int, ...], dict[str, Any], dict[str, Any]]] = [
+        (f"{tasks.name}.add_noted", (i, i, i), {}, {}) for i in range(5000)
+    ]
+    results = tasks.app.send_many(calls)
+    assert tasks.app.broker.stats(tasks.queue).ready == 5000
+    workers = [tasks.start_worker("-P", "threads", "-c", "4", "--burst", "-l", "warning") for _ in range(2)]
+    for worker in workers:
+        code = worker.wait(timeout=100)
+        assert code == 0, worker.stdout.read() if worker.stdout else code
+    runs = Counter(tasks.lines("runs.txt"))
+    assert len(runs) == 5000, f"{5000 - len(runs)} task(s) never ran"
+    assert max(runs.values()) == 1, [tag for tag, n in runs.items() if n > 1][:10]
+    assert [r.get(timeout=5) for r in results[::500]] == [2 * i for i in range(0, 5000, 500)]
+    assert tasks.app.broker.stats(tasks.queue).ready == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not RESTART_ALLOWED, reason="restarts the RabbitMQ node: CI, or TASKFRAME_TEST_RABBITMQ_RESTART=1")
+def test_a_broker_restart_mid_run_loses_no_task(make_tasks: Any, amqp_url: str) -> None:
+    # Given a worker busy with 30 short tasks
+    tasks = make_tasks(amqp_url)
+    results = [tasks.sleep_then.delay(0.1, f"t{i}") for i in range(30)]
+    worker = tasks.start_worker("-P", "threads", "-c", "2", "-l", "info")
+    tasks.wait_for_line("started.txt", 3)
+    # When the RabbitMQ node stops and starts again under it
+    stopped = threading.Event()
+    try:
+        assert rabbitmq_service.rabbitmqctl("stop_app").returncode == 0
+        stopped.set()
+        time.sleep(1.0)
+    finally:
+        started = rabbitmq_service.rabbitmqctl("start_app", timeout_s=120)
+        assert started.returncode == 0, started.stderr
+    # Then the worker reconnects and every task completes (some may run twice: at least once)
+    assert sorted(r.get(timeout=60) for r in results) == sorted(f"t{i}" for i in range(30))
+    code, output = stop_worker(worker)
+    assert code == 0, output
+    assert "reconnected to the broker" in output, output
+    assert stopped.is_set()
