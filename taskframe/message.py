@@ -42,7 +42,8 @@ class TaskHeaders(BaseModel):
     argsrepr: str | None = None
     kwargsrepr: str | None = None
     origin: str | None = None
-    ignore_result: bool = False
+    #: Celery's send_task() writes None here; None means False.
+    ignore_result: bool | None = False
 
 
 class TaskProperties(BaseModel):

@@ -24,10 +24,10 @@ from typing import Any
 import pymongo
 import pytest
 import sqlalchemy as sa
-from taskframe.backends import sql
 
 from taskframe import App, chord
 from taskframe.backend import ResultBackend, ResultRecord
+from taskframe.backends import sql
 from taskframe.exceptions import BackendError, ConfigurationError
 from taskframe.registry import create_backend
 from taskframe.settings import Settings

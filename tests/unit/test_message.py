@@ -152,3 +152,13 @@ def test_pickle_only_when_accepted() -> None:
     with pytest.raises(MessageError, match="refusing"):
         Message.from_envelope(envelope, ["json"])
     assert Message.from_envelope(envelope, ["json", "pickle"]).args == [1, 2]
+
+
+def test_celery_send_task_headers_with_nulls_decode() -> None:
+    # Celery's app.send_task() writes ignore_result as null.
+    headers = {**CELERY_HEADERS, "ignore_result": None, "eta": None}
+    envelope = Envelope(
+        body=json.dumps(CELERY_BODY).encode(), headers=headers, properties={"correlation_id": headers["id"]}
+    )
+    message = Message.from_envelope(envelope, ["json"])
+    assert not message.headers.ignore_result
