@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import rabbitmq_service, redis_service
+from tests.conformance import sqs_server
 
 
 def _always_available() -> str | None:
@@ -46,6 +47,9 @@ class BrokerSpec:
     #: ``stats().reserved`` counts deliveries held by other processes too. False for amqp:
     #: AMQP reports no unacked counts (only the management API does), so it counts its own.
     counts_others_reserved: bool = True
+    #: ``purge()`` leaves reserved (leased) messages alone. False for sqs: SQS's PurgeQueue deletes
+    #: in-flight messages too, and nothing else removes delayed ones.
+    purge_keeps_reserved: bool = True
 
 
 BROKERS: list[BrokerSpec] = [
@@ -61,6 +65,17 @@ BROKERS: list[BrokerSpec] = [
         lambda tmp_path: redis_service.url(redis_service.BROKER_DB),
         crosses_processes=True,
         unavailable=redis_service.unavailable,
+    ),
+    # SQS: one moto_server per session (tests/conformance/sqs_server.py); a queue prefix per URL.
+    # SQS counts visibility and delays in whole seconds: a 0.3-s delay (1 s on SQS) must end before
+    # a one-lease-old delivery comes back (test_messages_outlive_...), hence 2 s.
+    BrokerSpec(
+        "sqs",
+        sqs_server.make_url,
+        crosses_processes=True,
+        lease_s=2.0,
+        unavailable=sqs_server.unavailable,
+        purge_keeps_reserved=False,
     ),
     # RabbitMQ: a vhost per test session (tests/rabbitmq_service.py); queues with x-max-priority 9.
     BrokerSpec(

@@ -162,7 +162,10 @@ def test_publish_many(broker: Broker, queue: str) -> None:
     assert counts(broker, queue) == (2, 1, 0, 0)
     assert counts(broker, other) == (1, 0, 0, 0)
     deliveries = broker.consumer([queue], prefetch=5).receive(1.0, max_messages=5)
-    assert labels(deliveries) == ["b", "a"]
+    if type(broker).supports_priority:
+        assert labels(deliveries) == ["b", "a"]
+    else:  # no priority, and SQS standard queues promise no order either
+        assert sorted(labels(deliveries)) == ["a", "b"]
     broker.purge(queue)
     broker.purge(other)
 
@@ -457,7 +460,7 @@ def test_dead_letters_respects_limit(broker: Broker, queue: str) -> None:
     assert broker.purge_dead(queue) == 3
 
 
-def test_purge_removes_ready_and_delayed_but_not_reserved(broker: Broker, queue: str) -> None:
+def test_purge_removes_ready_and_delayed_but_not_reserved(broker_spec: BrokerSpec, broker: Broker, queue: str) -> None:
     broker.publish_many([OutgoingMessage(queue, message(str(i))) for i in range(3)])
     broker.publish(queue, message("delayed"), delay_s=60)
     consumer = broker.consumer([queue], prefetch=1)
@@ -465,8 +468,9 @@ def test_purge_removes_ready_and_delayed_but_not_reserved(broker: Broker, queue:
 
     assert broker.purge(queue) == 3
 
-    assert counts(broker, queue) == (0, 0, 1, 0)
-    consumer.ack(reserved)
+    if broker_spec.purge_keeps_reserved:  # SQS's PurgeQueue deletes in-flight messages too
+        assert counts(broker, queue) == (0, 0, 1, 0)
+    consumer.ack(reserved)  # a no-op where the purge took it
     assert counts(broker, queue) == (0, 0, 0, 0)
     assert broker.purge(queue) == 0
 
