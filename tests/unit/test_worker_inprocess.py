@@ -365,3 +365,47 @@ def test_a_result_that_cannot_be_stored_sends_the_message_back(app: App, monkeyp
         result = app.tasks["t.add"].delay(2, 3)
         assert result.get(timeout=10) == 5
     assert failures == [result.id]
+
+
+def test_retry_delays_back_off_exponentially_with_a_cap(app: App) -> None:
+    @app.task(name="t.backoff", retry_backoff=2, retry_backoff_max=10, retry_jitter=False)
+    def backoff() -> None: ...
+
+    @app.task(name="t.jitter", retry_backoff=True, retry_jitter=True)
+    def jitter() -> None: ...
+
+    @app.task(name="t.fixed", default_retry_delay=7)
+    def fixed() -> None: ...
+
+    assert [backoff.retry_delay_s(n) for n in range(5)] == [2, 4, 8, 10, 10]
+    assert all(0 <= jitter.retry_delay_s(3) <= 8 for _ in range(50))
+    assert len({jitter.retry_delay_s(3) for _ in range(50)}) > 1
+    assert fixed.retry_delay_s(4) == 7
+
+
+def test_time_limits_from_apply_async_and_settings(app: App) -> None:
+    @app.task(name="t.loop")
+    def loop() -> str:
+        try:
+            for _ in range(200):
+                time.sleep(0.02)
+        except SoftTimeLimitExceeded:
+            return "stopped"
+        return "finished"
+
+    with start_worker(app):
+        assert loop.apply_async(soft_time_limit=0.2).get(timeout=5) == "stopped"
+        app.conf.task_soft_time_limit = 0.2
+        assert loop.delay().get(timeout=5) == "stopped"
+
+
+def test_chord_header_failure_runs_the_bodys_link_error(app: App) -> None:
+    add, tsum, fail, rec = app.tasks["t.add"], app.tasks["t.tsum"], app.tasks["t.fail"], app.tasks["t.record"]
+    with start_worker(app, concurrency=2):
+        result = chord([add.s(1, 1), fail.s("no")], tsum.s().set(link_error=rec.s())).delay()
+        with pytest.raises(ChordError, match="no"):
+            result.get(timeout=10)
+        deadline = time.monotonic() + 5
+        while not app.calls and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.02)
+    assert app.calls == [(result.id,)]  # type: ignore[attr-defined]
