@@ -35,8 +35,12 @@ unit: $(VENV)/.installed
 
 test: $(VENV)/.installed services lint typecheck docs unit
 
+# Peers (Celery, Huey, Dramatiq, RQ) are benchmark-only: installed here, never by the package.
+# e.g. make bench BENCH_ARGS="--broker sqlite --tasks 2000 --reps 1"
+BENCH_ARGS ?=
 bench: $(VENV)/.installed
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) site build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
