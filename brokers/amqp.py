@@ -150,12 +150,12 @@ import pika.exceptions
 from taskframe.broker import (
     DEFAULT_PRIORITY,
     MAX_PRIORITY,
-    MIN_PRIORITY,
     DeadLetter,
     Delivery,
     Envelope,
     OutgoingMessage,
     QueueStats,
+    check_priority,
 )
 from taskframe.exceptions import (
     BrokerConnectionError,
@@ -215,17 +215,6 @@ DELIVER_EXCHANGE = "taskframe.delay.deliver"
 OPTIONS = ("max_priority", "queue_type")
 
 _TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
-
-
-def check_priority(priority: int) -> int:
-    """Return ``priority`` if it is an integer from 0 to 9, else raise ValueError."""
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        msg = f"priority must be an integer from 0 to 9 (9 most urgent); got {priority!r}"
-        raise ValueError(msg)
-    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        msg = f"priority {priority} is out of range: use 0 to 9 (9 most urgent)"
-        raise ValueError(msg)
-    return priority
 
 
 def check_queue_name(queue: str) -> str:

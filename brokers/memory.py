@@ -43,13 +43,12 @@ from typing import TYPE_CHECKING, ClassVar
 
 from taskframe.broker import (
     DEFAULT_PRIORITY,
-    MAX_PRIORITY,
-    MIN_PRIORITY,
     DeadLetter,
     Delivery,
     Envelope,
     OutgoingMessage,
     QueueStats,
+    check_priority,
 )
 from taskframe.exceptions import BrokerError, MessageError
 
@@ -93,17 +92,6 @@ class _Dead:
 _ReadyEntry = tuple[int, float, int, int]
 #: Timer heap entry: (visible_at, id, version).
 _TimerEntry = tuple[float, int, int]
-
-
-def check_priority(priority: int) -> int:
-    """Return ``priority`` if it is an integer from 0 to 9, else raise ValueError."""
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        msg = f"priority must be an integer from 0 to 9 (9 most urgent); got {priority!r}"
-        raise ValueError(msg)
-    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        msg = f"priority {priority} is out of range: use 0 to 9 (9 most urgent)"
-        raise ValueError(msg)
-    return priority
 
 
 class MemoryBroker:

@@ -114,13 +114,12 @@ from redis.retry import Retry
 
 from taskframe.broker import (
     DEFAULT_PRIORITY,
-    MAX_PRIORITY,
-    MIN_PRIORITY,
     DeadLetter,
     Delivery,
     Envelope,
     OutgoingMessage,
     QueueStats,
+    check_priority,
 )
 from taskframe.exceptions import BrokerConnectionError, BrokerError, ConfigurationError, MessageError
 from taskframe.settings import mask_url
@@ -451,17 +450,6 @@ def _script_source(name: str) -> str:
 
 #: Script name -> its Lua source, with the header for its keys.
 _SOURCES = {name: _script_source(name) for name in _SCRIPTS}
-
-
-def check_priority(priority: int) -> int:
-    """Return ``priority`` if it is an integer from 0 to 9, else raise ValueError."""
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        msg = f"priority must be an integer from 0 to 9 (9 most urgent); got {priority!r}"
-        raise ValueError(msg)
-    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        msg = f"priority {priority} is out of range: use 0 to 9 (9 most urgent)"
-        raise ValueError(msg)
-    return priority
 
 
 def _get_connection_args() -> tuple[str, ...]:

@@ -64,6 +64,7 @@ from taskframe.broker import (
     Envelope,
     OutgoingMessage,
     QueueStats,
+    check_priority,
 )
 from taskframe.exceptions import (
     BrokerConnectionError,
@@ -182,17 +183,6 @@ def _next_due_sql(queue_count: int) -> str:
         for priority in _PRIORITIES
     ]
     return "SELECT min(due) FROM (" + " UNION ALL ".join(probes) + ")"
-
-
-def check_priority(priority: int) -> int:
-    """Return ``priority`` if it is an integer from 0 to 9, else raise ValueError."""
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        msg = f"priority must be an integer from 0 to 9 (9 most urgent); got {priority!r}"
-        raise ValueError(msg)
-    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        msg = f"priority {priority} is out of range: use 0 to 9 (9 most urgent)"
-        raise ValueError(msg)
-    return priority
 
 
 def _release(conn: sqlite3.Connection, pid: int) -> None:

@@ -135,7 +135,15 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from taskframe.broker import DEFAULT_PRIORITY, DeadLetter, Delivery, Envelope, OutgoingMessage, QueueStats
+from taskframe.broker import (
+    DEFAULT_PRIORITY,
+    DeadLetter,
+    Delivery,
+    Envelope,
+    OutgoingMessage,
+    QueueStats,
+    check_priority,
+)
 from taskframe.exceptions import (
     BrokerConnectionError,
     BrokerError,
@@ -144,8 +152,6 @@ from taskframe.exceptions import (
     MessageTooLarge,
 )
 from taskframe.settings import mask_url
-
-from .sqlite import check_priority
 
 if TYPE_CHECKING:
     from taskframe.broker import Broker, Consumer

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, TypeVar, overload
 
 from typing_extensions import ParamSpec
 
-from .broker import Broker, OutgoingMessage
+from .broker import Broker, OutgoingMessage, check_priority
 from .exceptions import ConfigurationError, NotRegistered
 from .message import Embed, Message, TaskHeaders, TaskProperties, utc_isoformat
 from .registry import create_backend, create_broker
@@ -236,9 +236,7 @@ class App:
         priority = options.get("priority")
         if priority is None:
             priority = topts.priority if topts and topts.priority is not None else self.conf.task_default_priority
-        if not 0 <= int(priority) <= 9:
-            msg = f"priority must be 0-9 (9 most urgent); got {priority!r}"
-            raise ValueError(msg)
+        check_priority(priority)
         hard = options.get("time_limit", topts.time_limit if topts else None)
         soft = options.get("soft_time_limit", topts.soft_time_limit if topts else None)
         ignore_result = options.get("ignore_result")

@@ -30,6 +30,17 @@ MIN_PRIORITY, MAX_PRIORITY = 0, 9
 DEFAULT_PRIORITY = 4
 
 
+def check_priority(priority: int) -> int:
+    """Return ``priority`` if it is an integer from 0 to 9, else raise ValueError."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        msg = f"priority must be an integer from 0 to 9 (9 most urgent); got {priority!r}"
+        raise ValueError(msg)
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        msg = f"priority {priority} is out of range: use 0 to 9 (9 most urgent)"
+        raise ValueError(msg)
+    return priority
+
+
 @dataclass(frozen=True)
 class Envelope:
     """What a broker carries: a serialized body plus headers and properties, framed as AMQP does.

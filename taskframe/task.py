@@ -61,9 +61,10 @@ class TaskOptions:
             from .ratelimit import parse_rate
 
             parse_rate(values["rate_limit"])  # fail at decoration, not in the worker
-        if values.get("priority") is not None and not 0 <= values["priority"] <= 9:
-            msg = f"priority must be 0-9 (9 most urgent); got {values['priority']!r}"
-            raise ValueError(msg)
+        if values.get("priority") is not None:
+            from .broker import check_priority
+
+            check_priority(values["priority"])
         return cls(**values)
 
 

@@ -90,7 +90,7 @@ def test_apply_async_options(memory_app: App) -> None:
     assert memory_app.broker.stats("low-priority").ready == 1  # the decorator's queue
     job.apply_async(queue="other", countdown=30)
     assert memory_app.broker.stats("other").delayed == 1
-    with pytest.raises(ValueError, match="priority must be 0-9"):
+    with pytest.raises(ValueError, match="priority 10 is out of range: use 0 to 9"):
         job.apply_async(priority=10)
     with pytest.raises(TypeError, match="unknown apply_async option"):
         job.apply_async(countdwn=3)
