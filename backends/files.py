@@ -52,7 +52,7 @@ from contextlib import contextmanager, suppress
 from typing import Any, ClassVar
 from urllib.parse import quote, unquote
 
-from taskframe.backend import READY_STATES, ResultRecord, poll_until_ready
+from taskframe.backend import READY_STATES, ResultRecord, dump_json, poll_until_ready
 from taskframe.exceptions import BackendError, ConfigurationError
 from taskframe.settings import Settings, mask_url
 
@@ -122,7 +122,7 @@ class FileBackend:
         if not isinstance(status, str):
             msg = f"result record of task {task_id!r} has no 'status' string (got {status!r})"
             raise BackendError(msg)
-        text = _dumps(_envelope(record, ttl_s), f"result of task {task_id!r}")
+        text = dump_json(_envelope(record, ttl_s), f"result of task {task_id!r}")
         self._ensure_dirs()
         with self._errors("store the result", path), self._locked(path):
             current = self._read_live(path, time.time())
@@ -149,13 +149,13 @@ class FileBackend:
         with self._errors("increment the counter", path), self._locked(path):
             current = self._read_live(path, time.time())
             value = 1 if current is None else int(current) + 1
-            self._write(path, _dumps(_envelope(value, ttl_s), f"counter {key!r}"))
+            self._write(path, dump_json(_envelope(value, ttl_s), f"counter {key!r}"))
         self._maybe_sweep()
         return value
 
     def put(self, key: str, value: dict[str, Any], *, ttl_s: float | None) -> None:
         path = self._key_path(self._kv_dir, key)
-        text = _dumps(_envelope(value, ttl_s), f"document {key!r}")
+        text = dump_json(_envelope(value, ttl_s), f"document {key!r}")
         self._ensure_dirs()
         # Locked although a plain overwrite: a concurrent removal of the expired old file
         # must not remove the new one.
@@ -446,11 +446,3 @@ def _blocks(current: Any, new_status: str) -> bool:
     if not isinstance(current, dict) or new_status in READY_STATES:
         return False
     return current.get("status") in READY_STATES
-
-
-def _dumps(value: Any, what: str) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        msg = f"{what} cannot be stored: it is not JSON-serializable ({exc})"
-        raise BackendError(msg) from exc

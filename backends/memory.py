@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
-from taskframe.backend import READY_STATES, ResultRecord
+from taskframe.backend import READY_STATES, ResultRecord, dump_json
 from taskframe.exceptions import BackendError, ConfigurationError
 from taskframe.settings import Settings
 
@@ -72,7 +72,7 @@ class MemoryBackend:
         if not isinstance(status, str):
             msg = f"result record of task {task_id!r} has no 'status' string (got {status!r})"
             raise BackendError(msg)
-        text = _dumps(record, f"result of task {task_id!r}")
+        text = dump_json(record, f"result of task {task_id!r}")
         ready = self._condition()
         with ready:
             now = time.monotonic()
@@ -122,7 +122,7 @@ class MemoryBackend:
         return value
 
     def put(self, key: str, value: dict[str, Any], *, ttl_s: float | None) -> None:
-        text = _dumps(value, f"document {key!r}")
+        text = dump_json(value, f"document {key!r}")
         with self._condition():
             now = time.monotonic()
             self._docs[key] = _Entry(text, _deadline(now, ttl_s))
@@ -201,11 +201,3 @@ def _live(store: dict[str, _Entry[_V]], key: str, now: float) -> _V | None:
 
 def _deadline(now: float, ttl_s: float | None) -> float | None:
     return None if ttl_s is None else now + ttl_s
-
-
-def _dumps(value: Any, what: str) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        msg = f"{what} cannot be stored: it is not JSON-serializable ({exc})"
-        raise BackendError(msg) from exc

@@ -74,7 +74,7 @@ from pymongo.collection import Collection
 from pymongo.errors import ConfigurationError as MongoConfigurationError
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, InvalidURI, PyMongoError
 
-from taskframe.backend import READY_STATES, ResultRecord, poll_until_ready
+from taskframe.backend import READY_STATES, ResultRecord, dump_json, poll_until_ready
 from taskframe.exceptions import BackendError, ConfigurationError
 from taskframe.settings import Settings, mask_url
 
@@ -130,7 +130,7 @@ class MongoDBBackend:
         if not isinstance(status, str):
             msg = f"result record of task {task_id!r} has no 'status' string (got {status!r})"
             raise BackendError(msg)
-        doc: Document = {"_id": task_id, "status": status, "record": _dumps(record, f"result of task {task_id!r}")}
+        doc: Document = {"_id": task_id, "status": status, "record": dump_json(record, f"result of task {task_id!r}")}
         now = time.time()
         doc.update(_expiry(now, ttl_s))
         self._run("store the result", lambda: self._replace(task_id, doc, ready=status in READY_STATES, now=now))
@@ -190,7 +190,7 @@ class MongoDBBackend:
         return self._run("increment the counter", increment)
 
     def put(self, key: str, value: dict[str, Any], *, ttl_s: float | None) -> None:
-        doc: Document = {"_id": key, "value": _dumps(value, f"document {key!r}")}
+        doc: Document = {"_id": key, "value": dump_json(value, f"document {key!r}")}
         doc.update(_expiry(time.time(), ttl_s))
         self._run("store the document", lambda: _replace_upsert(self._collection(KV), {"_id": key}, doc))
 
@@ -351,14 +351,6 @@ def _server_selection_timeout_s(options: dict[str, Any]) -> float:
         msg = f"backend_options server_selection_timeout_s must be a number of seconds > 0, got {value!r}"
         raise ConfigurationError(msg)
     return float(value)
-
-
-def _dumps(value: Any, what: str) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        msg = f"{what} cannot be stored: it is not JSON-serializable ({exc})"
-        raise BackendError(msg) from exc
 
 
 def _prefix_upper_bound(prefix: str) -> str | None:

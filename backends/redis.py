@@ -61,7 +61,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, cast
 import redis
 from redis.retry import Retry
 
-from taskframe.backend import READY_STATES, ResultRecord
+from taskframe.backend import READY_STATES, ResultRecord, dump_json
 from taskframe.exceptions import BackendError, ConfigurationError
 from taskframe.settings import Settings, mask_url
 
@@ -385,7 +385,7 @@ class RedisBackend:
         if not isinstance(status, str):
             msg = f"result record of task {task_id!r} has no 'status' string (got {status!r})"
             raise BackendError(msg)
-        text = _dumps({"status": status, **record}, f"result of task {task_id!r}")
+        text = dump_json({"status": status, **record}, f"result of task {task_id!r}")
         args = (text, int(status in READY_STATES), _ttl_ms(ttl_s))
         key = self.task_key(task_id)
         self._retrying("store the result", lambda: self._state_now().store_script(keys=[key], args=args))
@@ -440,7 +440,7 @@ class RedisBackend:
         return int(value)
 
     def put(self, key: str, value: dict[str, Any], *, ttl_s: float | None) -> None:
-        text = _dumps(value, f"document {key!r}")
+        text = dump_json(value, f"document {key!r}")
         doc_key, ttl_ms = self.doc_key(key), _ttl_ms(ttl_s)
         self._retrying("store the document", lambda: self._client().set(doc_key, text, px=ttl_ms or None))
 
@@ -571,14 +571,6 @@ def _seconds(options: dict[str, Any], name: str, default: float) -> float:
 def _ttl_ms(ttl_s: float | None) -> int:
     """Milliseconds for PX/PEXPIRE (0: no expiry); at least 1, since PX 0 is an error."""
     return 0 if ttl_s is None else max(1, round(ttl_s * 1000))
-
-
-def _dumps(value: Any, what: str) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        msg = f"{what} cannot be stored: it is not JSON-serializable ({exc})"
-        raise BackendError(msg) from exc
 
 
 def _loads(raw: bytes | str, what: str) -> Any:

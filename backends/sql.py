@@ -77,7 +77,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
-from taskframe.backend import READY_STATES, ResultRecord, poll_until_ready
+from taskframe.backend import READY_STATES, ResultRecord, dump_json, poll_until_ready
 from taskframe.exceptions import BackendError, ConfigurationError
 from taskframe.settings import Settings, mask_url
 
@@ -266,7 +266,7 @@ class SQLBackend:
     def store(self, task_id: str, record: ResultRecord, *, ttl_s: float | None) -> None:
         _check_key(task_id, "task id")
         status = _status_of(task_id, record)
-        text = _dumps(record, f"result of task {task_id!r}")
+        text = dump_json(record, f"result of task {task_id!r}")
 
         def upsert(conn: Connection) -> None:
             now = time.time()
@@ -309,7 +309,7 @@ class SQLBackend:
 
     def put(self, key: str, value: dict[str, Any], *, ttl_s: float | None) -> None:
         _check_key(key, "key")
-        text = _dumps(value, f"document {key!r}")
+        text = dump_json(value, f"document {key!r}")
 
         def upsert(conn: Connection) -> None:
             conn.execute(_put_statement(conn.dialect, key, text, _expires_at(time.time(), ttl_s)))
@@ -879,14 +879,6 @@ def _status_of(task_id: str, record: ResultRecord) -> str:
         msg = f"result record of task {task_id!r} has no 'status' string (got {status!r})"
         raise BackendError(msg)
     return status
-
-
-def _dumps(value: Any, what: str) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        msg = f"{what} cannot be stored: it is not JSON-serializable ({exc})"
-        raise BackendError(msg) from exc
 
 
 def _expires_at(now: float, ttl_s: float | None) -> float | None:

@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
-from taskframe.backend import READY_STATES, ResultRecord, poll_until_ready
+from taskframe.backend import READY_STATES, ResultRecord, dump_json, poll_until_ready
 from taskframe.exceptions import BackendError, ConfigurationError
 from taskframe.settings import Settings
 from taskframe.urls import sqlite_path
@@ -174,7 +174,7 @@ class SQLiteBackend:
 
     def store(self, task_id: str, record: ResultRecord, *, ttl_s: float | None) -> None:
         status = _status_of(task_id, record)
-        text = _dumps(record, f"result of task {task_id!r}")
+        text = dump_json(record, f"result of task {task_id!r}")
         now = time.time()
         with self._errors("store the result"):
             self._conn().execute(_STORE_SQL, (task_id, status, text, _expires_at(now, ttl_s), now))
@@ -206,7 +206,7 @@ class SQLiteBackend:
         return value
 
     def put(self, key: str, value: dict[str, Any], *, ttl_s: float | None) -> None:
-        text = _dumps(value, f"document {key!r}")
+        text = dump_json(value, f"document {key!r}")
         with self._errors("store the document"):
             self._conn().execute(_PUT_SQL, (key, text, _expires_at(time.time(), ttl_s)))
         self._maybe_sweep()
@@ -454,14 +454,6 @@ def _status_of(task_id: str, record: ResultRecord) -> str:
         msg = f"result record of task {task_id!r} has no 'status' string (got {status!r})"
         raise BackendError(msg)
     return status
-
-
-def _dumps(value: Any, what: str) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        msg = f"{what} cannot be stored: it is not JSON-serializable ({exc})"
-        raise BackendError(msg) from exc
 
 
 def _expires_at(now: float, ttl_s: float | None) -> float | None:

@@ -15,7 +15,10 @@ revocations, worker heartbeats) and atomic counters (chords). Every adapter pass
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from .exceptions import BackendError
 
 #: States after which a task's record no longer changes (but for ``forget``).
 READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
@@ -76,6 +79,16 @@ class ResultBackend(Protocol):
     def delete(self, key: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+def dump_json(value: Any, what: str) -> str:
+    """Compact JSON text of a record or document; BackendError naming ``what`` if it has a
+    value JSON cannot hold (nothing is stored then)."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        msg = f"{what} cannot be stored: it is not JSON-serializable ({exc})"
+        raise BackendError(msg) from exc
 
 
 def poll_until_ready(
