@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import states
 from .broker import Delivery
-from .exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from .exceptions import SoftTimeLimitExceeded, TaskframeError, TimeLimitExceeded
 from .execution import Executor, Outcome, store_state
 from .result import encode_exception
 
@@ -82,7 +82,10 @@ def time_limit_outcome(app: App, job: Job, limit_s: float) -> Outcome:
     """Record the hard-limit failure on behalf of a task that could not record it itself."""
     exc = TimeLimitExceeded(f"Time limit ({limit_s}s) exceeded")
     if job.task_id:
-        store_state(app, job.task_id, states.FAILURE, encode_exception(exc))
+        try:
+            store_state(app, job.task_id, states.FAILURE, encode_exception(exc))
+        except TaskframeError as store_exc:  # the worker's main loop must go on
+            log.error("could not store the time-limit failure of %s: %s", job.label, store_exc)
     log.error("Task %s: hard time limit (%ss) exceeded; the task was stopped", job.label, limit_s)
     return Outcome("ack", job.task_id, job.task_name, states.FAILURE, str(exc))
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import states
 from .broker import Consumer, Delivery
-from .exceptions import BrokerConnectionError, BrokerError
+from .exceptions import BrokerConnectionError, BrokerError, TaskframeError
 from .execution import Outcome, store_state
 from .pools import Job, SoloPool, WorkerTerminate, create_pool
 from .ratelimit import TokenBucket, parse_rate
@@ -234,12 +234,12 @@ class Worker:
         job = Job(delivery, envelope.task_id, str(name) if name else None)
         task = self.app.tasks.get(job.task_name or "")
         if task is not None:
-            hard_s = envelope.headers.get("timelimit", [None, None])
-            limit = hard_s[0] if isinstance(hard_s, list | tuple) and hard_s else None
-            job.hard_limit_s = limit or task.options.time_limit or self.app.conf.task_time_limit
+            limits = envelope.headers.get("timelimit", [None, None])
+            hard_s = limits[0] if isinstance(limits, list | tuple) and limits else None
+            job.hard_limit_s = hard_s or task.options.time_limit or self.app.conf.task_time_limit
             track = task.options.track_started
             if (track if track is not None else self.app.conf.task_track_started) and job.task_id:
-                store_state(self.app, job.task_id, states.RECEIVED, {"hostname": self.name})
+                self._store_quietly(job.task_id, states.RECEIVED, {"hostname": self.name})
             acks_late = task.options.acks_late
             if acks_late is None:
                 acks_late = self.app.conf.task_acks_late
@@ -251,6 +251,14 @@ class Worker:
         with self._held_lock:
             self._held[id(delivery)] = job
         self._pending.append(job)
+
+    def _store_quietly(self, task_id: str, state: str, result: Any) -> None:
+        # A state the main loop records for the user's benefit; losing it to a backend hiccup
+        # must not stop the worker.
+        try:
+            store_state(self.app, task_id, state, result)
+        except TaskframeError as exc:
+            log.warning("could not store %s for %s: %s", state, task_id, mask_url(str(exc)))
 
     def _dispatch_pending(self) -> None:
         # The stop check matters for the solo pool: a task runs inside this loop, and a
@@ -337,7 +345,7 @@ class Worker:
                     "exc_module": "taskframe.exceptions",
                     "exc_message": ["revoked and terminated"],
                 }
-                store_state(self.app, task_id, states.REVOKED, error)
+                self._store_quietly(task_id, states.REVOKED, error)
                 for job in list(self._held.values()):
                     if job.task_id == task_id:
                         self._finish([(job, Outcome("ack", task_id, job.task_name, states.REVOKED))])
