@@ -6,5 +6,7 @@ dependencies (``benchmarks/requirements.txt``); the taskframe package never need
 Layout: ``__main__`` runs the repetitions and prints the report (``report``); ``driver``
 runs one scenario of one system in its own process; ``systems/`` says how to drive each
 system; ``apps/`` holds the task module each system's workers import; ``common`` has the
-run's settings and the end-marker counter.
+run's settings and the end-marker counter. Opt-in runs (``--broker backends``, ``sqs``,
+``amqp``): taskframe with each result backend, taskframe on SQS (moto), taskframe and Celery
+on RabbitMQ.
 """

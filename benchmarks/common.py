@@ -18,6 +18,8 @@ REDIS_DB = 14
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 #: File of the end-marker counter on the SQLite broker, in the run's directory.
 COUNTER_FILE = "counter.sqlite3"
+#: The RabbitMQ server of the AMQP run (vhost "/").
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 #: Key of the end-marker counter on Redis.
 COUNTER_KEY = "bench:done"
 
@@ -26,10 +28,18 @@ COUNTER_KEY = "bench:done"
 class BenchEnv:
     """One run's settings: which broker, where its files go, whether tasks store results."""
 
-    broker: str  # "sqlite" or "redis"
+    broker: str  # "sqlite", "redis" or "sqs"
     directory: str  # a fresh temporary directory, also the workers' working directory
     results: bool
     redis_url: str = REDIS_URL
+    #: The broker's URL where the broker name alone does not say it (SQS: the emulator's URL).
+    broker_url: str = ""
+    #: A result backend of its own (the per-backend run), else the broker's default.
+    backend_url: str = ""
+    #: Count the SQS API calls of each process (see benchmarks.apps.taskframe_app).
+    count_calls: bool = False
+    #: The queue the producer sends to and the workers consume (AMQP: a fresh one per run), or "".
+    queue: str = ""
 
     @classmethod
     def from_environ(cls) -> BenchEnv:
@@ -38,6 +48,10 @@ class BenchEnv:
             directory=os.environ["BENCH_DIR"],
             results=os.environ["BENCH_RESULTS"] == "1",
             redis_url=os.environ.get("BENCH_REDIS_URL", REDIS_URL),
+            broker_url=os.environ.get("BENCH_BROKER_URL", ""),
+            backend_url=os.environ.get("BENCH_BACKEND_URL", ""),
+            count_calls=os.environ.get("BENCH_COUNT_CALLS") == "1",
+            queue=os.environ.get("BENCH_QUEUE", ""),
         )
 
     def to_environ(self) -> dict[str, str]:
@@ -46,6 +60,10 @@ class BenchEnv:
             "BENCH_DIR": self.directory,
             "BENCH_RESULTS": "1" if self.results else "0",
             "BENCH_REDIS_URL": self.redis_url,
+            "BENCH_BROKER_URL": self.broker_url,
+            "BENCH_BACKEND_URL": self.backend_url,
+            "BENCH_COUNT_CALLS": "1" if self.count_calls else "0",
+            "BENCH_QUEUE": self.queue,
         }
 
     def path(self, name: str) -> str:

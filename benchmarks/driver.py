@@ -187,12 +187,40 @@ def scenario_plain(system: System, env: BenchEnv, n: int, budget_s: float) -> Me
 
 
 def scenario_results(system: System, env: BenchEnv, n: int, budget_s: float) -> Measurements:
-    """Results on: N one-call enqueues, then one worker drains them."""
+    """Results on: N one-call enqueues, then one worker drains them.
+
+    With ``env.count_calls`` (SQS), also the API calls per task of the producer's enqueues and
+    of the worker's whole life (start-up and its last idle receive included).
+    """
     found: Measurements = {}
+    calls = getattr(system.app, "API_CALLS", [0])
+    before = calls[0]
     rate, queued = send(system, n, budget_s, batched=False)
     _counted(found, "enqueue_one", rate, queued, n)
+    if env.count_calls:
+        found["calls_producer"] = (calls[0] - before) / queued
     rate, done, found["rss_mb"] = drain_with(system, env, queued, budget_s, 1)
     _counted(found, "drain_1_results", rate, done, n)
+    if env.count_calls:
+        counts = [
+            f for f in os.listdir(env.directory) if f.startswith("api-calls-") and f != f"api-calls-{os.getpid()}.txt"
+        ]
+        if not counts:
+            msg = "the worker wrote no api-calls-<pid>.txt at exit"
+            raise RuntimeError(msg)
+        worker_calls = 0
+        for name in counts:
+            with open(env.path(name)) as handle:
+                worker_calls += int(handle.read())
+        found["calls_worker"] = worker_calls / env.counter().value()
+    return found
+
+
+def scenario_batched(system: System, env: BenchEnv, n: int, budget_s: float) -> Measurements:
+    """Results on: N enqueues through the batch API, no worker."""
+    found: Measurements = {}
+    rate, queued = send(system, n, budget_s, batched=True)
+    _counted(found, "enqueue_batched", rate, queued, n)
     return found
 
 
@@ -234,7 +262,10 @@ SCENARIOS: dict[str, tuple[Callable[[System, BenchEnv, int, float], Measurements
     "results": (scenario_results, True),
     "two": (scenario_two, True),
     "latency": (scenario_latency, True),
+    "batched": (scenario_batched, True),
 }
+#: The scenarios of the default runs (sqlite, redis); the others are picked by their runs.
+DEFAULT_SCENARIOS = ("plain", "results", "two", "latency")
 
 
 def main(argv: list[str] | None = None) -> int:

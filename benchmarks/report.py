@@ -22,6 +22,12 @@ METRICS: list[tuple[str, str]] = [
     ("rtt_p99_ms", "round trip p99 ms"),
     ("rss_mb", "worker peak RSS MB"),
 ]
+#: Metrics only some runs measure.
+EXTRA_METRICS: list[tuple[str, str]] = [
+    ("calls_producer", "SQS calls/task, producer (one call)"),
+    ("calls_worker", "SQS calls/task, worker"),
+]
+TITLES = dict(METRICS + EXTRA_METRICS)
 
 
 @dataclass
@@ -89,6 +95,36 @@ def broker_section(title: str, rows: Sequence[Row], notes: Sequence[str]) -> str
         lines += ["", "taskframe ÷ peer, medians (rates: above 1 is taskframe ahead; latency and RSS: below 1 is):", ""]
         lines += _table(["peer", *(t for _k, t in METRICS)], [[p.system, *_ratios(ours, p)] for p in peers])
     lines.append("")
+    for row in rows:
+        if row.skipped:
+            lines.append(f"- {row.system}: skipped: {row.skipped}")
+        lines += [f"- {row.system}: error: {error}" for error in row.errors]
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plain_section(
+    title: str,
+    rows: Sequence[Row],
+    notes: Sequence[str],
+    keys: Sequence[str],
+    baseline: str | None = None,
+    first: str = "system",
+) -> str:
+    """One table of ``keys``; with ``baseline``, a column row ÷ that row per key."""
+    header = [first, *(TITLES[k] for k in keys)]
+    base = next((r for r in rows if r.system == baseline and not r.skipped), None)
+    if base is not None:
+        header += [f"{TITLES[k]} ÷ {baseline}" for k in keys]
+    body = []
+    for row in rows:
+        cells = [row.system, *(cell(row, k) for k in keys)]
+        if base is not None:
+            for key in keys:
+                a, b = row.median(key), base.median(key)
+                cells.append(f"{a / b:.2f}×" if a is not None and b and not row.skipped else "—")
+        body.append(cells)
+    lines = [f"### {title}", "", *_table(header, body), ""]
     for row in rows:
         if row.skipped:
             lines.append(f"- {row.system}: skipped: {row.skipped}")

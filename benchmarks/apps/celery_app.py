@@ -1,4 +1,5 @@
-"""Celery 5: kombu's SQLAlchemy transport on SQLite with the ``db+sqlite`` result backend, or Redis."""
+"""Celery 5: kombu's SQLAlchemy transport on SQLite with the ``db+sqlite`` result backend, Redis, or
+RabbitMQ (py-amqp) with results in Redis."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ COUNTER = ENV.counter()
 
 if ENV.broker == "redis":
     broker, backend = ENV.redis_url, ENV.redis_url
+elif ENV.broker == "amqp":
+    broker, backend = ENV.broker_url, ENV.redis_url
 else:
     broker, backend = (
         f"sqla+sqlite:///{ENV.path('celery-broker.sqlite3')}",
@@ -26,6 +29,12 @@ else:
 
 app = Celery("bench", broker=broker, backend=backend if ENV.results else None)
 app.conf.update(task_ignore_result=not ENV.results)
+if ENV.queue:
+    app.conf.task_default_queue = ENV.queue
+if ENV.broker == "amqp":
+    # Remote control declares an exclusive pidbox queue per worker name (celery@host), which
+    # a second worker on the same host cannot take; the benchmark never uses it.
+    app.conf.worker_enable_remote_control = False
 
 
 @app.task(name="bench.noop")

@@ -20,7 +20,7 @@ RESULT_POLL_S = 0.01
 class Celery(System):
     name = "celery"
     packages = ("celery", "kombu", "sqlalchemy")
-    brokers = ("sqlite", "redis")
+    brokers = ("sqlite", "redis", "amqp")
     batch_api = "group().apply_async()"
     app_module = "benchmarks.apps.celery_app"
 

@@ -12,11 +12,13 @@ from . import ROUND_TRIP_TIMEOUT_S, System, executable
 class Taskframe(System):
     name = "taskframe"
     packages = ("taskframe",)
-    brokers = ("sqlite", "redis")
+    brokers = ("sqlite", "redis", "amqp")
     batch_api = "app.send_many()"
     app_module = "benchmarks.apps.taskframe_app"
 
     def unavailable(self, broker: str) -> str | None:
+        if broker == "amqp":
+            return None if _importable("pika") else "pika (taskframe's AMQP adapter) is not installed"
         if broker != "redis":
             return None
         missing = [m for m in ("taskframe.brokers.redis", "taskframe.backends.redis") if not _importable(m)]
