@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,20 @@ def test_worker_json_logs_one_object_per_line(make_tasks: Any) -> None:
     entries = [json.loads(line) for line in done.stderr.splitlines()]
     assert any(e["message"].startswith(f"Task {tasks.name}.add[") and e["message"].endswith(": 4") for e in entries)
     assert {e["level"] for e in entries} <= {"info", "warning"}
+
+
+def test_worker_retries_an_unreachable_broker_then_exits_1(tmp_path: Path) -> None:
+    # Nothing listens on port 1: every attempt fails at once, as with a broker that is down.
+    (tmp_path / "tf_down_broker.py").write_text(
+        "from taskframe import App\n"
+        "app = App('x', broker='redis://user:hunter2@127.0.0.1:1/0', "
+        f"backend='sqlite:///{tmp_path}/r.db', broker_connect_timeout=2)\n"
+    )
+    started = time.monotonic()
+    done = taskframe("worker", "-A", "tf_down_broker", "-P", "solo", cwd=tmp_path, timeout_s=60)
+    assert done.returncode == 1
+    assert time.monotonic() - started < 30
+    retries = [line for line in done.stderr.splitlines() if "cannot reach the broker (attempt" in line]
+    assert len(retries) >= 2, done.stderr  # a line per attempt
+    assert "cannot reach the broker redis://user:***@127.0.0.1:1/0 after" in done.stderr
+    assert "hunter2" not in done.stderr and "Traceback" not in done.stderr
