@@ -156,6 +156,8 @@ from taskframe.broker import (
     OutgoingMessage,
     QueueStats,
     check_priority,
+    check_queues,
+    check_receive,
 )
 from taskframe.exceptions import (
     BrokerConnectionError,
@@ -1209,9 +1211,7 @@ class AMQPConsumer:
     """
 
     def __init__(self, broker: AMQPBroker, queues: Sequence[str], *, prefetch: int) -> None:
-        if not queues:
-            msg = "a consumer needs at least one queue name"
-            raise ValueError(msg)
+        check_queues(queues)
         self.broker = broker
         self.queues = [check_queue_name(q) for q in queues]
         self.prefetch = prefetch
@@ -1236,12 +1236,7 @@ class AMQPConsumer:
     # -- public API (any thread) ---------------------------------------------------------------
 
     def receive(self, timeout_s: float, *, max_messages: int = 1) -> list[Delivery]:
-        if max_messages < 1:
-            msg = f"max_messages must be at least 1; got {max_messages}"
-            raise ValueError(msg)
-        if self._closed:
-            msg = f"{self!r} is closed; create a new consumer"
-            raise BrokerError(msg)
+        check_receive(self, closed=self._closed, max_messages=max_messages)
         deadline = time.monotonic() + max(timeout_s, 0.0)
         while True:
             with self._lock:

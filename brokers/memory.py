@@ -49,8 +49,10 @@ from taskframe.broker import (
     OutgoingMessage,
     QueueStats,
     check_priority,
+    check_queues,
+    check_receive,
 )
-from taskframe.exceptions import BrokerError, MessageError
+from taskframe.exceptions import MessageError
 
 if TYPE_CHECKING:
     from taskframe.broker import Broker, Consumer
@@ -319,9 +321,7 @@ class MemoryConsumer:
     """Leases messages of a fixed list of queues from a :class:`MemoryBroker`."""
 
     def __init__(self, broker: MemoryBroker, queues: Sequence[str], *, prefetch: int) -> None:
-        if not queues:
-            msg = "a consumer needs at least one queue name"
-            raise ValueError(msg)
+        check_queues(queues)
         self.broker = broker
         self.queues = list(queues)
         self.prefetch = prefetch
@@ -333,12 +333,7 @@ class MemoryConsumer:
         return f"<MemoryConsumer {self.id} of {self.queues} on {self.broker!r}>"
 
     def receive(self, timeout_s: float, *, max_messages: int = 1) -> list[Delivery]:
-        if max_messages < 1:
-            msg = f"max_messages must be at least 1; got {max_messages}"
-            raise ValueError(msg)
-        if self._closed:
-            msg = f"{self!r} is closed; create a new consumer"
-            raise BrokerError(msg)
+        check_receive(self, closed=self._closed, max_messages=max_messages)
         broker = self.broker
         deadline = time.monotonic() + max(timeout_s, 0.0)
         token = f"{self.id}.{next(self._receipts)}"

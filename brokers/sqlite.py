@@ -65,6 +65,8 @@ from taskframe.broker import (
     OutgoingMessage,
     QueueStats,
     check_priority,
+    check_queues,
+    check_receive,
 )
 from taskframe.exceptions import (
     BrokerConnectionError,
@@ -422,9 +424,7 @@ class SQLiteConsumer:
     """
 
     def __init__(self, broker: SQLiteBroker, queues: Sequence[str], *, prefetch: int) -> None:
-        if not queues:
-            msg = "a consumer needs at least one queue name"
-            raise ValueError(msg)
+        check_queues(queues)
         self.broker = broker
         self.queues = list(queues)
         self.prefetch = prefetch
@@ -439,12 +439,7 @@ class SQLiteConsumer:
         return f"<SQLiteConsumer {self.id} of {self.queues} on {self.broker!r}>"
 
     def receive(self, timeout_s: float, *, max_messages: int = 1) -> list[Delivery]:
-        if max_messages < 1:
-            msg = f"max_messages must be at least 1; got {max_messages}"
-            raise ValueError(msg)
-        if self._closed:
-            msg = f"{self!r} is closed; create a new consumer"
-            raise BrokerError(msg)
+        check_receive(self, closed=self._closed, max_messages=max_messages)
         deadline = time.monotonic() + max(timeout_s, 0.0)
         try:
             while True:

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from .exceptions import MessageError
+from .exceptions import BrokerError, MessageError
 
 #: The lowest and highest priority; 9 is the most urgent, on every broker.
 MIN_PRIORITY, MAX_PRIORITY = 0, 9
@@ -39,6 +39,23 @@ def check_priority(priority: int) -> int:
         msg = f"priority {priority} is out of range: use 0 to 9 (9 most urgent)"
         raise ValueError(msg)
     return priority
+
+
+def check_queues(queues: Sequence[str]) -> None:
+    """The argument check every ``Broker.consumer`` makes."""
+    if not queues:
+        msg = "a consumer needs at least one queue name"
+        raise ValueError(msg)
+
+
+def check_receive(consumer: object, *, closed: bool, max_messages: int) -> None:
+    """The argument checks every ``Consumer.receive`` makes before touching its broker."""
+    if max_messages < 1:
+        msg = f"max_messages must be at least 1; got {max_messages}"
+        raise ValueError(msg)
+    if closed:
+        msg = f"{consumer!r} is closed; create a new consumer"
+        raise BrokerError(msg)
 
 
 @dataclass(frozen=True)
