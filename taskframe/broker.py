@@ -203,6 +203,29 @@ class Consumer(Protocol):
 
 
 @runtime_checkable
+class BatchAcker(Protocol):
+    """Optional: a consumer that can remove several messages in one round trip.
+
+    The worker acks a finished batch with :func:`ack_all`, which uses ``ack_many`` where a
+    consumer has it. Same obligations as :meth:`Consumer.ack` for each delivery (idempotent;
+    a delivery whose lease ended and was handed to someone else must not delete the new copy).
+    """
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None: ...
+
+
+def ack_all(consumer: Consumer, deliveries: Sequence[Delivery]) -> None:
+    """Ack ``deliveries``: one ``ack_many`` call where the consumer supports it, else one by one."""
+    if not deliveries:
+        return
+    if len(deliveries) > 1 and isinstance(consumer, BatchAcker):
+        consumer.ack_many(deliveries)
+        return
+    for delivery in deliveries:
+        consumer.ack(delivery)
+
+
+@runtime_checkable
 class Broker(Protocol):
     """A transport of envelopes between named queues.
 
