@@ -356,6 +356,16 @@ class MemoryConsumer:
                 del broker._messages[message.id]
                 message.version += 1
 
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack a batch under one lock acquisition."""
+        broker = self.broker
+        with broker._cond:
+            for delivery in deliveries:
+                message = broker._leased(delivery.tag)
+                if message is not None:
+                    del broker._messages[message.id]
+                    message.version += 1
+
     def nack(self, delivery: Delivery, *, requeue: bool, reason: str = "", delay_s: float = 0.0) -> None:
         broker = self.broker
         with broker._cond:

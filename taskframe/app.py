@@ -15,10 +15,21 @@ from typing_extensions import ParamSpec
 
 from .broker import Broker, OutgoingMessage, check_priority
 from .exceptions import ConfigurationError, NotRegistered
-from .message import Embed, Message, TaskHeaders, TaskProperties, utc_isoformat
+from .message import (
+    Embed,
+    Message,
+    TaskHeaders,
+    TaskProperties,
+    checked_for_sending,
+    field_defaults,
+    utc_isoformat,
+    wire_envelope,
+)
 from .registry import create_backend, create_broker
 from .result import AsyncResult, GroupResult
+from .revocations import REVOKED_PREFIX, record_revoke
 from .settings import Settings, load_settings
+from .task import note_child
 
 if TYPE_CHECKING:
     from .backend import ResultBackend
@@ -34,6 +45,35 @@ REVOKE_TTL_S = 7 * 86400.0
 ORIGIN = f"gen{os.getpid()}@{os.uname().nodename}"
 
 _current: weakref.ReferenceType[App] | None = None
+
+#: The options of apply_async / send_task (DESIGN §2).
+SEND_OPTIONS = frozenset(
+    {
+        "queue",
+        "countdown",
+        "eta",
+        "expires",
+        "priority",
+        "task_id",
+        "link",
+        "link_error",
+        "headers",
+        "ignore_result",
+        "time_limit",
+        "soft_time_limit",
+        "serializer",
+        "retries",
+        "parent_id",
+        "root_id",
+        "group_id",
+        "group_index",
+        "chain",
+        "chord",
+        "shadow",
+    }
+)
+#: A message as plain parts: headers, properties, args, kwargs, embed.
+_Parts = tuple[dict[str, Any], dict[str, Any], list[Any], dict[str, Any], dict[str, Any]]
 
 #: AsyncResult under a second name, for annotations inside App (whose method of that name shadows it).
 _Result = AsyncResult
@@ -198,32 +238,30 @@ class App:
         self, name: str, args: list[Any], kwargs: dict[str, Any], options: Mapping[str, Any]
     ) -> tuple[str, Message, float]:
         """The queue, the message and its delay in seconds for one call of a task."""
-        known = {
-            "queue",
-            "countdown",
-            "eta",
-            "expires",
-            "priority",
-            "task_id",
-            "link",
-            "link_error",
-            "headers",
-            "ignore_result",
-            "time_limit",
-            "soft_time_limit",
-            "serializer",
-            "retries",
-            "parent_id",
-            "root_id",
-            "group_id",
-            "group_index",
-            "chain",
-            "chord",
-            "shadow",
-        }
-        unknown = set(options) - known
+        queue, (headers, properties, args, kwargs, embed), delay_s = self._message_parts(name, args, kwargs, options)
+        message = Message.model_validate(
+            {"headers": headers, "properties": properties, "args": args, "kwargs": kwargs, "embed": embed}
+        )
+        return queue, message, delay_s
+
+    def _outgoing(
+        self, name: str, args: list[Any], kwargs: dict[str, Any], options: Mapping[str, Any]
+    ) -> tuple[OutgoingMessage, str]:
+        """The message for one call of a task, ready to publish, and its task id."""
+        queue, parts, delay_s = self._message_parts(name, args, kwargs, options)
+        envelope = wire_envelope(*parts, self._serializer_for(name, options))
+        headers, properties = parts[0], parts[1]
+        return OutgoingMessage(queue, envelope, delay_s, properties["priority"]), headers["id"]
+
+    def _message_parts(
+        self, name: str, args: list[Any], kwargs: dict[str, Any], options: Mapping[str, Any]
+    ) -> tuple[str, _Parts, float]:
+        # Plain dicts, not models: sending builds no pydantic model in the common case (see
+        # message.checked_for_sending), and the dicts go on the wire as they are.
+        unknown = options.keys() - SEND_OPTIONS
         if unknown:
-            msg = f"unknown apply_async option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+            known = ", ".join(sorted(SEND_OPTIONS))
+            msg = f"unknown apply_async option(s): {', '.join(sorted(unknown))}; known: {known}"
             raise TypeError(msg)
         task = self.tasks.get(name)
         topts = task.options if task is not None else None
@@ -242,37 +280,42 @@ class App:
         ignore_result = options.get("ignore_result")
         if ignore_result is None:
             ignore_result = topts.ignore_result if topts else False
-        headers = TaskHeaders(
-            **dict(options.get("headers") or {}),
-            task=name,
-            id=task_id,
-            shadow=options.get("shadow"),
-            eta=utc_isoformat(eta) if eta else None,
-            expires=utc_isoformat(expires) if isinstance(expires, datetime.datetime) else None,
-            group=options.get("group_id"),
-            group_index=options.get("group_index"),
-            retries=int(options.get("retries") or 0),
-            timelimit=(hard, soft),
-            root_id=options.get("root_id") or task_id,
-            parent_id=options.get("parent_id"),
-            argsrepr=_short_repr(args),
-            kwargsrepr=_short_repr(kwargs),
-            origin=ORIGIN,
-            ignore_result=bool(ignore_result),
+        user_headers = dict(options.get("headers") or {})
+        ours = {
+            "task": name,
+            "id": task_id,
+            "shadow": options.get("shadow"),
+            "eta": utc_isoformat(eta) if eta else None,
+            "expires": utc_isoformat(expires) if isinstance(expires, datetime.datetime) else None,
+            "group": options.get("group_id"),
+            "group_index": options.get("group_index"),
+            "retries": int(options.get("retries") or 0),
+            "timelimit": (hard, soft),
+            "root_id": options.get("root_id") or task_id,
+            "parent_id": options.get("parent_id"),
+            "argsrepr": _short_repr(tuple(args)),  # Celery shows the args tuple: "(2, 3)"
+            "kwargsrepr": _short_repr(kwargs),
+            "origin": ORIGIN,
+            "ignore_result": bool(ignore_result),
+        }
+        clash = user_headers.keys() & ours.keys()
+        if clash:
+            msg = f"headers= cannot set {', '.join(sorted(clash))}: taskframe writes them; use the apply_async options"
+            raise TypeError(msg)
+        headers = field_defaults(TaskHeaders)
+        headers.update(user_headers)
+        headers.update(ours)
+        properties = field_defaults(TaskProperties)
+        properties.update(correlation_id=task_id, priority=int(priority))
+        embed = field_defaults(Embed)
+        embed.update(
+            callbacks=_signature_dicts(options.get("link")),
+            errbacks=_signature_dicts(options.get("link_error")),
+            chain=options.get("chain"),
+            chord=options.get("chord"),
         )
-        message = Message(
-            headers=headers,
-            properties=TaskProperties(correlation_id=task_id, priority=int(priority)),
-            args=args,
-            kwargs=kwargs,
-            embed=Embed(
-                callbacks=_signature_dicts(options.get("link")),
-                errbacks=_signature_dicts(options.get("link_error")),
-                chain=options.get("chain"),
-                chord=options.get("chord"),
-            ),
-        )
-        return self.route(name, options.get("queue")), message, delay_s
+        parts = checked_for_sending(headers, properties, args, kwargs, embed, user_headers=bool(user_headers))
+        return self.route(name, options.get("queue")), parts, delay_s
 
     def _serializer_for(self, name: str, options: Mapping[str, Any]) -> str:
         task = self.tasks.get(name)
@@ -280,10 +323,10 @@ class App:
         return str(chosen or self.conf.task_serializer)
 
     def _send(self, name: str, args: list[Any], kwargs: dict[str, Any], options: Mapping[str, Any]) -> _Result[Any]:
-        queue, message, delay_s = self.build_message(name, args, kwargs, options)
-        envelope = message.to_envelope(self._serializer_for(name, options))
-        self.broker.publish(queue, envelope, delay_s=delay_s, priority=message.priority)
-        return AsyncResult(message.id, self, task_name=name)
+        out, task_id = self._outgoing(name, args, kwargs, options)
+        self.broker.publish(out.queue, out.envelope, delay_s=out.delay_s, priority=out.priority)
+        note_child(task_id)
+        return AsyncResult(task_id, self, task_name=name)
 
     def send_many(
         self, calls: Iterable[tuple[str, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]]
@@ -293,12 +336,13 @@ class App:
         outgoing: list[OutgoingMessage] = []
         results: list[_Result[Any]] = []
         for name, args, kwargs, options in calls:
-            queue, message, delay_s = self.build_message(name, list(args), dict(kwargs), options)
-            envelope = message.to_envelope(self._serializer_for(name, options))
-            outgoing.append(OutgoingMessage(queue, envelope, delay_s, message.priority))
-            results.append(AsyncResult(message.id, self, task_name=name))
+            out, task_id = self._outgoing(name, list(args), dict(kwargs), options)
+            outgoing.append(out)
+            results.append(AsyncResult(task_id, self, task_name=name))
         if outgoing:
             self.broker.publish_many(outgoing)
+        for result in results:
+            note_child(result.id)
         return results
 
     # -- results and control -----------------------------------------------------------------
@@ -322,11 +366,10 @@ class App:
     def control_revoke(self, task_id: str, *, terminate: bool = False) -> None:
         """Revoke durably: stored in the result backend, so any worker, also one started
         later, skips the task; ``terminate=True`` also stops it if it runs."""
-        ttl_s = self.conf.result_expires or REVOKE_TTL_S
-        self.backend.put(f"revoked-{task_id}", {"task_id": task_id, "terminate": terminate}, ttl_s=ttl_s)
+        record_revoke(self.backend, task_id, terminate=terminate, ttl_s=self.conf.result_expires or REVOKE_TTL_S)
 
     def is_revoked(self, task_id: str) -> bool:
-        return self.backend.get(f"revoked-{task_id}") is not None
+        return self.backend.get(f"{REVOKED_PREFIX}{task_id}") is not None
 
     def signature(
         self,

@@ -80,7 +80,7 @@ def store_state(
         "status": state,
         "result": result,
         "traceback": traceback,
-        "children": children or [],
+        "children": [[[child, None], None] for child in children or []],  # Celery's result tuples
         "date_done": utcnow_iso() if state in states.READY_STATES else None,
     }
     if app.conf.result_extended and request is not None:
@@ -93,6 +93,18 @@ def store_state(
             queue=request.delivery_info.get("queue"),
         )
     app.backend.store(task_id, record, ttl_s=app.conf.result_expires)
+
+
+def discard(app: App, task_id: str, task_name: str | None, reason: str) -> Outcome:
+    """Skip a revoked or expired task: record it REVOKED with ``reason``, and ack it."""
+    log.info("Discarding %s task %s[%s]", reason, task_name, task_id)
+    error = {
+        "exc_type": "TaskRevokedError",
+        "exc_module": "taskframe.exceptions",
+        "exc_message": [reason],
+    }
+    store_state(app, task_id, states.REVOKED, error)
+    return Outcome("ack", task_id, task_name, states.REVOKED, reason)
 
 
 class Executor:
@@ -179,21 +191,12 @@ class Executor:
         )
 
     def _skip_reason(self, message: Message) -> Outcome | None:
-        revoked = self.app.backend.get(f"revoked-{message.id}")
-        if revoked is not None:
-            reason = "revoked"
-        elif message.headers.expires and parse_isoformat(message.headers.expires) < _now():
-            reason = f"expired at {message.headers.expires}"
-        else:
-            return None
-        log.info("Discarding %s task %s[%s]", reason, message.task, message.id)
-        error = {
-            "exc_type": "TaskRevokedError",
-            "exc_module": "taskframe.exceptions",
-            "exc_message": [reason],
-        }
-        store_state(self.app, message.id, states.REVOKED, error)
-        return Outcome("ack", message.id, message.task, states.REVOKED, reason)
+        # Revoked ids are checked by the worker's main loop, once per received batch (see
+        # taskframe.revocations), before a message reaches a pool; expiry needs no read.
+        expires = message.headers.expires
+        if expires and parse_isoformat(expires) < _now():
+            return discard(self.app, message.id, message.task, f"expired at {expires}")
+        return None
 
     def _seconds_early(self, message: Message) -> float:
         if not message.headers.eta:
@@ -259,7 +262,7 @@ class Executor:
             msg = f"the result of {message.task} cannot be stored as JSON: {exc}; return plain data"
             return self._on_failure(task, message, request, TypeError(msg), runtime_s)
         if store_results:
-            store_state(self.app, message.id, states.SUCCESS, value, request=request)
+            store_state(self.app, message.id, states.SUCCESS, value, request=request, children=request.children)
         log.info("Task %s[%s] succeeded in %.4fs: %s", message.task, message.id, runtime_s, _short(value))
         self._after_success(message, value)
         return Outcome("ack", message.id, message.task, states.SUCCESS)
@@ -365,6 +368,9 @@ class Executor:
         sent once every member is ready, and a second counter lets only one sender through.
         """
         spec = message.embed.chord or {}
+        if "group_id" not in spec or "chord_size" not in spec:
+            self._refuse_foreign_chord(message, spec)
+            return
         group_id, size = str(spec["group_id"]), int(spec["chord_size"])
         ttl_s = self.app.conf.result_expires
         backend = self.app.backend
@@ -390,6 +396,18 @@ class Executor:
             return
         values = [r.get("result") if r else None for r in records]
         self._send_follow_up(body, message, (values,))
+
+    def _refuse_foreign_chord(self, message: Message, spec: dict[str, Any]) -> None:
+        """A chord sent by Celery (its ``embed.chord`` is the body's signature): Celery counts
+        its header in keys of its own, so the body cannot run here; fail it, once, clearly."""
+        reason = (
+            f"chord header task {message.id} ran on a taskframe worker, but its chord was sent by Celery,"
+            " which counts a chord in its own keys: run a Celery chord's header on Celery workers"
+        )
+        log.error("chord body %s will not run: %s", spec.get("task"), reason)
+        body_id = (spec.get("options") or {}).get("task_id")
+        if body_id:
+            store_state(self.app, str(body_id), states.FAILURE, encode_exception(ChordError(reason)))
 
     def _fail_chord(self, body: Signature, message: Message, member_id: str, record: Any) -> None:
         error = record.get("result") or {}

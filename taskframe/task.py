@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
+#: How many argument shapes a task remembers as binding to themselves (a bound on memory).
+MAX_SHAPES = 64
+
 
 @dataclass(frozen=True)
 class TaskOptions:
@@ -88,12 +91,21 @@ class Request:
     timelimit: tuple[float | None, float | None] = (None, None)
     headers: dict[str, Any] = field(default_factory=dict)
     embed: dict[str, Any] = field(default_factory=dict)
+    #: Ids of the tasks sent while this one runs: its record's ``children``, as in Celery.
+    children: list[str] = field(default_factory=list)
 
 
 #: The request of the task running in this thread (or context), None outside a task.
 current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
     "taskframe_current_request", default=None
 )
+
+
+def note_child(task_id: str) -> None:
+    """Count a task sent from inside a running task among that task's children."""
+    request = current_request.get()
+    if request is not None and not request.is_eager and task_id != request.id:  # a retry is no child
+        request.children.append(task_id)
 
 
 class Task(Generic[P, R]):
@@ -112,6 +124,9 @@ class Task(Generic[P, R]):
         self.__wrapped__ = fn
         self._signature = _call_signature(fn, bound=options.bind)
         self._validator = _build_validator(fn, self._signature) if options.validate else None
+        #: Argument shapes (positional count, keyword names) that bind to themselves: whether
+        #: a call binds depends only on its shape, so a known one skips Signature.bind.
+        self._plain_shapes: set[tuple[int, tuple[str, ...]]] = set()
 
     def __repr__(self) -> str:
         return f"<@task: {self.name}>"
@@ -150,6 +165,9 @@ class Task(Generic[P, R]):
         fit) and, with ``validate=True``, validate and coerce them through pydantic."""
         if self._signature is None:
             return list(args), dict(kwargs)
+        shape = (len(args), tuple(kwargs))
+        if self._validator is None and shape in self._plain_shapes:
+            return list(args), dict(kwargs)
         try:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -157,7 +175,11 @@ class Task(Generic[P, R]):
             raise TypeError(msg) from None
         if self._validator is not None:
             self._validator(bound, for_wire)
-        return list(bound.args), dict(bound.kwargs)
+            return list(bound.args), dict(bound.kwargs)
+        bound_args, bound_kwargs = list(bound.args), dict(bound.kwargs)
+        if len(bound_args) == shape[0] and tuple(bound_kwargs) == shape[1] and len(self._plain_shapes) < MAX_SHAPES:
+            self._plain_shapes.add(shape)
+        return bound_args, bound_kwargs
 
     # -- canvas ------------------------------------------------------------------------------
 

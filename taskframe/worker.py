@@ -25,11 +25,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import states
-from .broker import Consumer, Delivery
-from .exceptions import BrokerConnectionError, BrokerError, TaskframeError
-from .execution import Outcome, store_state
+from .broker import Consumer, Delivery, ack_all
+from .exceptions import BackendError, BrokerConnectionError, BrokerError, TaskframeError
+from .execution import Executor, Outcome, discard, store_state
 from .pools import Job, SoloPool, WorkerTerminate, create_pool
 from .ratelimit import TokenBucket, parse_rate
+from .revocations import RevokedIds
 from .settings import mask_url
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class Worker:
         self._held: dict[int, Job] = {}  # id(delivery) -> job, every message whose lease we keep
         self._held_lock = threading.Lock()
         self._to_terminate: set[str] = set()
+        self._revoked = RevokedIds(app)
         self._buckets: dict[str, TokenBucket] = {}
         self._keeper: threading.Thread | None = None
         self._keeper_stop = threading.Event()
@@ -198,9 +200,29 @@ class Worker:
         if not deliveries and self.burst and not self._held:
             self.stop("burst: no ready message left in " + ",".join(self.queues))
             return
+        if deliveries and not self._refresh_revoked(deliveries):
+            return
         for delivery in deliveries:
             self._accept(delivery)
         self._dispatch_pending()
+
+    def _refresh_revoked(self, deliveries: list[Delivery]) -> bool:
+        """Learn of revokes made up to now (after these were received): one backend read per
+        batch. If the backend cannot answer, hand the batch back rather than run revoked
+        tasks (the same as when a result cannot be stored)."""
+        try:
+            self._revoked.refresh()
+            return True
+        except TaskframeError as exc:
+            log.error(
+                "could not read the revoked task ids (%s); %d message(s) go back to the queue",
+                mask_url(str(exc)),
+                len(deliveries),
+            )
+            reason = f"{type(exc).__name__}: {mask_url(str(exc))}"
+            for delivery in deliveries:
+                self._nack(delivery, requeue=True, reason=reason, delay_s=Executor.STORE_RETRY_DELAY_S)
+            return False
 
     def _receive(self, timeout_s: float, max_messages: int) -> list[Delivery] | None:
         assert self._consumer is not None
@@ -232,6 +254,9 @@ class Worker:
         envelope = delivery.envelope
         name = envelope.headers.get("task")
         job = Job(delivery, envelope.task_id, str(name) if name else None)
+        if job.task_id in self._revoked:
+            self._discard_revoked(job)
+            return
         task = self.app.tasks.get(job.task_name or "")
         if task is not None:
             limits = envelope.headers.get("timelimit", [None, None])
@@ -245,12 +270,22 @@ class Worker:
                 acks_late = self.app.conf.task_acks_late
             if not acks_late:
                 # At-most-once, by the task's choice: a crash from here on loses the message.
-                self._ack(delivery)
+                self._ack([delivery])
                 job.acked_early = True
         log.debug("Task %s received", job.label)
         with self._held_lock:
             self._held[id(delivery)] = job
         self._pending.append(job)
+
+    def _discard_revoked(self, job: Job) -> None:
+        assert job.task_id is not None
+        try:
+            outcome = discard(self.app, job.task_id, job.task_name, "revoked")
+        except BackendError as exc:
+            log.error("Task %s: %s; the message goes back to the queue", job.label, mask_url(str(exc)))
+            reason = f"{type(exc).__name__}: {mask_url(str(exc))}"
+            outcome = Outcome("requeue", job.task_id, job.task_name, None, reason, Executor.STORE_RETRY_DELAY_S)
+        self._finish([(job, outcome)])
 
     def _store_quietly(self, task_id: str, state: str, result: Any) -> None:
         # A state the main loop records for the user's benefit; losing it to a backend hiccup
@@ -266,6 +301,9 @@ class Worker:
         held_back: list[Job] = []
         while self._pending and self.pool.free_slots() > 0 and not self._stop.is_set():
             job = self._pending.popleft()
+            if job.task_id in self._revoked:  # revoked while it waited here
+                self._discard_revoked(job)
+                continue
             bucket = self._bucket_for(job)
             if bucket is not None and not bucket.try_take():
                 held_back.append(job)  # over its rate: wait here, let other tasks pass
@@ -283,46 +321,59 @@ class Worker:
         return bucket
 
     def _finish(self, finished: list[tuple[Job, Outcome]]) -> None:
+        # The acks of one pass go out together: one round trip for the batch where the
+        # consumer can (BatchAcker), instead of one per task. Every outcome was produced after
+        # its result was stored, so no ack here precedes its result.
+        to_ack: list[Delivery] = []
         for job, outcome in finished:
             with self._held_lock:
                 self._held.pop(id(job.delivery), None)
             self.tasks_done += 1
             if job.acked_early:
                 continue
-            self._settle(job.delivery, outcome)
+            if outcome.action == "ack":
+                to_ack.append(job.delivery)
+            else:
+                self._nack(
+                    job.delivery,
+                    requeue=outcome.action == "requeue",
+                    reason=outcome.reason,
+                    delay_s=outcome.delay_s if outcome.action == "requeue" else 0.0,
+                )
+        self._ack(to_ack)
 
-    def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
-        if outcome.action == "ack":
-            self._ack(delivery)
-        elif outcome.action == "requeue":
-            self._nack(delivery, requeue=True, reason=outcome.reason, delay_s=outcome.delay_s)
-        else:
-            self._nack(delivery, requeue=False, reason=outcome.reason)
-
-    def _ack(self, delivery: Delivery) -> None:
-        # A failed ack is retried once: the task already ran, and an unacked message would
-        # run it again after the lease ends. If the retry fails too, that is what happens.
+    def _ack(self, deliveries: Sequence[Delivery]) -> None:
+        # A failed ack is retried once: the tasks already ran, and an unacked message would
+        # run again after its lease ends. If the retry fails too, that is what happens.
+        if not deliveries:
+            return
         for attempt in (1, 2):
             try:
                 assert self._consumer is not None
-                self._consumer.ack(delivery)
+                ack_all(self._consumer, deliveries)
                 return
             except BrokerConnectionError as exc:
                 if attempt == 2:
-                    log.error(
-                        "could not ack %s (%s): it will run again after its lease ends",
-                        delivery.envelope.task_id,
-                        mask_url(str(exc)),
-                    )
+                    self._log_lost_acks(deliveries, exc)
                 else:
                     self._reconnect()
             except BrokerError as exc:  # refused, not lost: retrying would not help
-                log.error(
-                    "could not ack %s (%s): it will run again after its lease ends",
-                    delivery.envelope.task_id,
-                    mask_url(str(exc)),
-                )
+                if len(deliveries) == 1:
+                    self._log_lost_acks(deliveries, exc)
+                    return
+                # One refused delivery must not cost the others their ack: ack one by one
+                # (acks are idempotent, so those the batch already removed do no harm).
+                for delivery in deliveries:
+                    self._ack([delivery])
                 return
+
+    def _log_lost_acks(self, deliveries: Sequence[Delivery], exc: BrokerError) -> None:
+        ids = ", ".join(str(d.envelope.task_id) for d in deliveries[:5])
+        more = f" and {len(deliveries) - 5} more" if len(deliveries) > 5 else ""
+        what = (
+            "it will run again after its lease ends" if len(deliveries) == 1 else "they run again when their leases end"
+        )
+        log.error("could not ack %s%s (%s): %s", ids, more, mask_url(str(exc)), what)
 
     def _nack(self, delivery: Delivery, *, requeue: bool, reason: str = "", delay_s: float = 0.0) -> None:
         try:
@@ -392,15 +443,16 @@ class Worker:
             log.warning("could not write the heartbeat: %s", mask_url(str(exc)))
 
     def _check_revoked_running(self) -> None:
-        for job in self.pool.running():
-            if not job.task_id:
-                continue
-            try:
-                revoked = self.app.backend.get(f"revoked-{job.task_id}")
-            except Exception:
-                return
-            if revoked and revoked.get("terminate"):
-                self._to_terminate.add(job.task_id)
+        running = [job.task_id for job in self.pool.running() if job.task_id]
+        if not running:
+            return
+        try:
+            self._revoked.refresh()
+        except Exception:  # the keeper must outlive a backend hiccup; the next beat tries again
+            return
+        for task_id in running:
+            if self._revoked.terminate_requested(task_id):
+                self._to_terminate.add(task_id)
 
     def info(self) -> dict[str, Any]:
         return {

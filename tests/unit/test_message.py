@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -162,3 +163,51 @@ def test_celery_send_task_headers_with_nulls_decode() -> None:
     )
     message = Message.from_envelope(envelope, ["json"])
     assert not message.headers.ignore_result
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"countdown": 5, "priority": 9, "time_limit": 30, "soft_time_limit": 2.5, "expires": 60},
+        {"link": {"task": "t.cb", "args": [], "kwargs": {}, "options": {}}, "chain": [{"task": "t.next"}]},
+        {"group_id": "g", "group_index": 1, "parent_id": "p", "root_id": "r", "retries": 2, "shadow": "nick"},
+        {"headers": {"custom": [1, 2]}, "ignore_result": True},
+        {"group_index": 1.0, "time_limit": "30"},  # not plain: validated and coerced on the slow path
+    ],
+)
+def test_a_sent_message_is_what_validating_it_would_give(memory_app: App, options: dict[str, Any]) -> None:
+    sent: list[Envelope] = []
+    memory_app.broker.publish = lambda queue, envelope, **kw: sent.append(envelope)  # type: ignore[method-assign]
+    memory_app.send_task("tasks.add", [2, 3], {"z": 1}, task_id="fixed-id", **options)
+    _, message, _ = memory_app.build_message("tasks.add", [2, 3], {"z": 1}, {"task_id": "fixed-id", **options})
+    expected = message.to_envelope()
+    (envelope,) = sent
+    assert _without_dates(envelope.headers) == _without_dates(expected.headers)
+    assert list(envelope.headers) == list(expected.headers)  # the same layout, key for key
+    assert list(envelope.properties.items()) == list(expected.properties.items())
+    assert json.loads(envelope.body) == json.loads(expected.body)
+
+
+def _without_dates(headers: Any) -> dict[str, Any]:
+    return {k: v for k, v in headers.items() if k not in ("eta", "expires")}
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"time_limit": "soon"}, "timelimit"),
+        ({"group_index": "first"}, "group_index"),
+        ({"headers": {"lang": 5}}, "lang"),
+        ({"chain": "not a list"}, "chain"),
+    ],
+)
+def test_bad_option_values_fail_at_send_naming_the_field(memory_app: App, options: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        memory_app.send_task("tasks.add", [1, 2], **options)
+    assert memory_app.broker.stats("celery").ready == 0
+
+
+def test_headers_cannot_overwrite_what_taskframe_writes(memory_app: App) -> None:
+    with pytest.raises(TypeError, match="headers= cannot set id"):
+        memory_app.send_task("tasks.add", [1, 2], headers={"id": "mine"})

@@ -68,6 +68,21 @@ def test_wrong_arguments_raise_before_sending(memory_app: App) -> None:
     assert ready_count(memory_app) == 0
 
 
+def test_arguments_bind_the_same_on_every_call(memory_app: App) -> None:
+    @memory_app.task
+    def scale(x: int, factor: int = 2, *, offset: int = 0) -> int:
+        return x * factor + offset
+
+    for _ in range(3):  # the first call of each shape binds; later ones reuse what it found
+        assert scale.bind_arguments([1, 3], {}) == ([1, 3], {})
+        assert scale.bind_arguments([1], {"offset": 5}) == ([1], {"offset": 5})
+        assert scale.bind_arguments([], {"x": 1, "factor": 3}) == ([1, 3], {})
+        with pytest.raises(TypeError, match="too many positional arguments"):
+            scale.bind_arguments([1, 2, 3], {})
+        with pytest.raises(TypeError, match="unexpected keyword argument 'y'"):
+            scale.bind_arguments([1], {"y": 1})
+
+
 def test_validate_coerces_and_rejects(memory_app: App) -> None:
     @memory_app.task(validate=True)
     def when(day: datetime.date, times: int) -> str:

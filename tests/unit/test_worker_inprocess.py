@@ -221,6 +221,31 @@ def test_revoked_and_expired_tasks_end_revoked(app: App) -> None:
         assert revoked.state == "REVOKED" and expired.state == "REVOKED"
 
 
+def test_a_revoke_made_while_the_worker_runs_is_honoured(app: App) -> None:
+    add = app.tasks["t.add"]
+    with start_worker(app):
+        assert add.delay(1, 1).get(timeout=5) == 2  # the worker has read the revoked ids once
+        later = add.apply_async((2, 2), countdown=0.3)
+        later.revoke()  # done before the broker hands the message out
+        with pytest.raises(TaskRevokedError, match="revoked"):
+            later.get(timeout=5)
+        assert add.delay(3, 3).get(timeout=5) == 6
+    assert later.state == "REVOKED" and app.is_revoked(later.id)
+
+
+def test_revoked_messages_are_discarded_from_a_batch_the_others_run(app: App) -> None:
+    add = app.tasks["t.add"]
+    results = [add.delay(i, i) for i in range(6)]
+    for result in results[::2]:
+        result.revoke()
+    with start_worker(app, pool="solo"):
+        assert [r.get(timeout=5) for r in results[1::2]] == [2, 6, 10]
+        for result in results[::2]:
+            with pytest.raises(TaskRevokedError):
+                result.get(timeout=5)
+    assert app.broker.stats("celery").ready == 0 and app.broker.stats("celery").reserved == 0
+
+
 def test_ignore_result_and_forget(app: App) -> None:
     with start_worker(app):
         quiet = app.tasks["t.quiet"].delay()
@@ -409,3 +434,55 @@ def test_chord_header_failure_runs_the_bodys_link_error(app: App) -> None:
         while not app.calls and time.monotonic() < deadline:  # type: ignore[attr-defined]
             time.sleep(0.02)
     assert app.calls == [(result.id,)]  # type: ignore[attr-defined]
+
+
+def test_a_refused_batch_ack_falls_back_to_one_by_one(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a broker that refuses every batch ack (as if one delivery in it were bad)
+    from taskframe.exceptions import BrokerError
+
+    consumer_class = type(app.broker.consumer(["celery"], prefetch=1))
+
+    refused: list[int] = []
+
+    def refuse(self: Any, deliveries: Any) -> None:
+        refused.append(len(deliveries))
+        raise BrokerError("batch refused")
+
+    monkeypatch.setattr(consumer_class, "ack_many", refuse)
+    add = app.tasks["t.add"]
+    results = [add.delay(i, 1) for i in range(8)]
+    # When a solo worker runs them in batches, Then each is acked on its own and none is left
+    with start_worker(app, pool="solo"):
+        assert [r.get(timeout=5) for r in results] == [i + 1 for i in range(8)]
+        deadline = time.monotonic() + 5
+        while app.broker.stats("celery").reserved and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert refused and max(refused) > 1
+    stats = app.broker.stats("celery")
+    assert (stats.ready, stats.reserved, stats.dead) == (0, 0, 0)
+
+
+def test_a_batch_ack_lost_to_the_connection_is_retried(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskframe.exceptions import BrokerConnectionError
+
+    consumer_class: Any = type(app.broker.consumer(["celery"], prefetch=1))
+    real_ack_many = consumer_class.ack_many
+    lost: list[int] = []
+
+    def lose_first(self: Any, deliveries: Any) -> None:
+        if not lost:
+            lost.append(len(deliveries))
+            raise BrokerConnectionError("connection reset")
+        real_ack_many(self, deliveries)
+
+    monkeypatch.setattr(consumer_class, "ack_many", lose_first)
+    add = app.tasks["t.add"]
+    results = [add.delay(i, 1) for i in range(8)]
+    with start_worker(app, pool="solo"):
+        assert [r.get(timeout=5) for r in results] == [i + 1 for i in range(8)]
+        deadline = time.monotonic() + 5
+        while app.broker.stats("celery").reserved and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert lost and lost[0] > 1  # a real batch was lost, then sent again
+    stats = app.broker.stats("celery")
+    assert (stats.ready, stats.reserved, stats.dead) == (0, 0, 0)
