@@ -1,4 +1,4 @@
-"""Redis broker: reliable queues with leases, priorities and delays, one Lua script per operation.
+"""Redis broker: reliable queues with leases, priorities and delays; a plain RPUSH to publish, Lua for the rest.
 
 Connection string
 =================
@@ -12,8 +12,8 @@ Query parameters are redis-py's (``ConnectionPool.from_url``). ``broker_options`
 ``key_prefix`` (default ``"taskframe"``), ``socket_timeout`` (s, default 10),
 ``socket_connect_timeout`` (s, default 5), ``publish_retry_s`` (default 10: how long
 ``publish`` retries a lost connection before raising), ``max_connections``,
-``health_check_interval`` and ``client_name``. Needs Redis >= 6.0 (fractional ``BLPOP``
-timeouts) and redis-py >= 5.
+``health_check_interval`` and ``client_name``. Needs Redis >= 6.2 (``LPOP`` with a count,
+fractional ``BZPOPMIN`` timeouts) and redis-py >= 5.
 
 Features
 ========
@@ -24,17 +24,19 @@ Features
   ``renew`` pushes the expiry out; an expired lease makes the message ready again.
 * Dead letters: a message delivered ``max_deliveries`` times without an ack, or nacked with
   ``requeue=False``, moves to the queue's dead-letter list; list, requeue or purge it there.
-* Blocking receive: a consumer with nothing to do blocks on ``BLPOP`` of the queues'
-  notification lists, woken by a publish or at the next due delay or lease expiry: no polling.
+* Blocking receive: a consumer with nothing to do blocks on ``BZPOPMIN`` of the queues'
+  wake-up sets, woken by a publish or at the next due delay or lease expiry: no polling.
 * Batches: one ``receive`` leases up to ``max_messages`` in one round trip; ``publish_many``
-  sends every message in one pipelined round trip.
+  sends every message in one write (an ``RPUSH`` per queue and priority); ``ack_many``
+  acks a batch in one round trip.
 * Time: every timestamp (delays, leases, dead letters) is Redis's own ``TIME``, so clients
   with skewed clocks agree.
 
 Delivery guarantee
 ==================
-At least once. Each operation is one Lua script, so a message is always in exactly one of
-ready, delayed, in-flight or dead, and its move from ready to in-flight (the lease) is atomic:
+At least once. A publish without delay is one ``RPUSH`` (then a wake-up ``ZADD``); every other
+operation is one Lua script. So a message is always in exactly one of fresh, ready, delayed,
+in-flight or dead, and its move from fresh or ready to in-flight (the lease) is atomic:
 two consumers never lease the same copy, and a consumer that dies (SIGKILL) leaves its
 messages in flight, where the next receive by anyone finds the lease expired and makes them
 ready again after ``visibility_timeout``. Each receive issues a fresh lease token; ack, nack
@@ -49,25 +51,30 @@ loses at most a second; ``always`` loses nothing that was acknowledged).
 Connection loss: ``receive``, ``ack``, ``nack`` and ``renew`` raise
 :class:`~taskframe.exceptions.BrokerConnectionError` at once (the worker reconnects with
 backoff); ``publish`` retries for ``publish_retry_s`` with backoff, then raises it. A publish
-retried after a lost reply re-sends the same message id, which overwrites the first copy
-instead of adding a second one.
+retried after a lost reply re-sends the same message id: if both copies landed, the receive
+that meets the second finds the id's body already stored (``HSETNX``) and drops it, so a
+message still queued or running is not delivered twice.
 
 Layout, and why
 ===============
 Per queue ``q``, every key carries the hash tag ``{q}``, so all of a queue's keys live in one
 cluster slot and each script's keys are declared (``KEYS``), as Redis Cluster requires::
 
-    <prefix>:{q}:ready      ZSET  message id, scored (9 - priority) * 2**44 + seq: ZRANGE gives
-                                  the most urgent first, FIFO within a priority
+    <prefix>:{q}:new0..new9 LIST  fresh messages, "<id><body>", one list per priority, FIFO:
+                                  what a publish without delay appends (RPUSH)
+    <prefix>:{q}:ready      ZSET  ids of messages that came back (expired lease, due delay, nack,
+                                  requeued dead letter), scored (9 - priority) * 2**44 + seq
     <prefix>:{q}:delayed    ZSET  message id, scored by due time (ms, Redis clock)
     <prefix>:{q}:inflight   ZSET  message id, scored by lease expiry (ms, Redis clock)
-    <prefix>:{q}:body       HASH  message id -> Envelope.to_bytes(), written once at publish
+    <prefix>:{q}:body       HASH  message id -> Envelope.to_bytes(), from the first receive (from
+                                  the publish for a delayed message) until the ack
     <prefix>:{q}:count      HASH  message id -> deliveries so far
     <prefix>:{q}:lease      HASH  message id -> token of the receive that leased it last
     <prefix>:{q}:dead       LIST  message ids, in the order they died
     <prefix>:{q}:dead_info  HASH  message id -> JSON [deliveries, dead_at (UNIX s), reason]
     <prefix>:{q}:seq        STRING the FIFO counter (deleted whenever the ready set empties)
-    <prefix>:{q}:notify     LIST  at most one token, "something changed, look again" (expires)
+    <prefix>:{q}:wake       ZSET  at most one member, "something changed, look again": ZADD is
+                                  idempotent, so a publish needs no script to keep it bounded
 
 A message id is its priority digit followed by 32 hex digits, so the priority travels with
 the id through the delayed and in-flight sets without another lookup.
@@ -82,8 +89,12 @@ Why Lua and sorted sets rather than the alternatives:
   (a sorted set and a mover are needed anyway), and a delivery count cannot be reset when a
   dead letter is requeued.
 * One script per receive does "promote due delays, reclaim expired leases, lease up to N,
-  dead-letter over-delivered" atomically in one round trip, and a notification list lets an
-  idle consumer block without touching the lease logic.
+  dead-letter over-delivered" atomically in one round trip, and a wake-up set lets an idle
+  consumer block without touching the lease logic.
+* Publishing is the hot path, and a script costs Redis 13-16 us where an ``RPUSH`` costs 1-2:
+  so a fresh message goes into a plain list carrying its body, and the receive script, which
+  runs anyway, stores the body and leases it. The receive takes, per priority, the messages
+  that came back first, then the fresh ones.
 
 A consumer of several queues runs one script over all of them (priority first, then queue
 order).
@@ -142,9 +153,11 @@ DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_PUBLISH_RETRY_S = 10.0
 #: First and longest pause, in seconds, between two publish attempts.
 RETRY_MIN_S, RETRY_MAX_S = 0.05, 1.0
-#: Longest single BLPOP, in seconds: well under the socket timeout, so a block never looks
+#: Longest single BZPOPMIN, in seconds: well under the socket timeout, so a block never looks
 #: like a dead connection; a longer receive blocks several times.
 MAX_BLOCK_S = 5.0
+#: Seconds a connection may sit unused before it is checked (as redis-py's pool does) first.
+IDLE_CHECK_S = 1.0
 #: Due delayed messages and expired leases moved per queue and receive: bounds the time one
 #: script blocks Redis after a long outage; the rest moves on the next receives.
 PROMOTE_BATCH = 1000
@@ -161,21 +174,24 @@ _OPTIONS = frozenset(
     }
 )
 
+#: The lists of fresh messages, one per priority (``new0`` .. ``new9``): a publish appends
+#: "<id><body>" to one of them without a script.
+_NEW = tuple(f"new{priority}" for priority in range(10))
 #: Suffixes of a queue's keys (see the module docstring).
-_SUFFIXES = ("ready", "delayed", "inflight", "body", "count", "lease", "dead", "dead_info", "seq", "notify")
+_SUFFIXES = ("ready", "delayed", "inflight", "body", "count", "lease", "dead", "dead_info", "seq", "wake", *_NEW)
 
 #: The keys each script gets, per queue, in this order: only those it uses, since packing
 #: arguments is a good part of a publish's client-side cost.
 _SCRIPT_KEYS: dict[str, tuple[str, ...]] = {
-    "publish": ("ready", "delayed", "body", "seq", "notify"),
+    "publish": ("ready", "delayed", "body", "seq", "wake"),
     "receive": _SUFFIXES,
     "ack": ("ready", "inflight", "body", "count", "lease"),
     "nack": _SUFFIXES,
     "renew": ("ready", "inflight", "lease"),
-    "stats": ("ready", "delayed", "inflight", "dead"),
-    "purge": ("ready", "delayed", "inflight", "body", "count", "lease", "seq"),
+    "stats": ("ready", "delayed", "inflight", "dead", *_NEW),
+    "purge": ("ready", "delayed", "inflight", "body", "count", "lease", "seq", *_NEW),
     "dead_list": ("body", "dead", "dead_info"),
-    "requeue_dead": ("ready", "body", "count", "dead", "dead_info", "seq", "notify"),
+    "requeue_dead": ("ready", "body", "count", "dead", "dead_info", "seq", "wake"),
     "purge_dead": ("body", "dead", "dead_info"),
 }
 
@@ -183,6 +199,7 @@ _SCRIPT_KEYS: dict[str, tuple[str, ...]] = {
 # that sets K (keys per queue) and each key's index (nil where the script does not get it).
 _LUA_PRELUDE = """
 local BAND = 17592186044416  -- 2^44: one band per priority, FIFO sequence inside it
+local ID_LENGTH = 33  -- a message id: its priority digit, then 32 hex digits
 local function key(q, k) return KEYS[(q - 1) * K + k] end
 local function clock_ms()
   local t = redis.call('TIME')
@@ -198,10 +215,8 @@ end
 -- A token only wakes a consumer blocked at this moment (others look at the queue before they
 -- block), so an unused one may expire: an idle queue keeps no keys.
 local function notify(q)
-  if redis.call('LLEN', key(q, NOTIFY)) == 0 then
-    redis.call('RPUSH', key(q, NOTIFY), '1')
-    redis.call('PEXPIRE', key(q, NOTIFY), 60000)
-  end
+  redis.call('ZADD', key(q, WAKE), 0, '1')
+  redis.call('PEXPIRE', key(q, WAKE), 60000)
 end
 local function bury(q, id, deliveries, reason, now)
   redis.call('ZREM', key(q, READY), id)
@@ -215,6 +230,7 @@ end
 local function holds_lease(id, token) return redis.call('HGET', key(1, LEASE), id) == token end
 """
 
+# A delayed publish (one without delay is an RPUSH, see RedisBroker.publish).
 # KEYS: one queue's keys. ARGV: id, body, delay_ms.
 _PUBLISH = """
 redis.call('HSET', key(1, BODY), ARGV[1], ARGV[2])
@@ -247,54 +263,71 @@ for q = 1, nq do
   end
 end
 local leased, buried, taken = {}, {}, 0
-while taken < want do
-  local need, heads = want - taken, {}
+local lease_until = ms(now + lease_ms)
+-- count: deliveries so far. Buries instead when that reached max_deliveries.
+local function take(q, id, body, count)
+  if count >= max_deliveries then
+    bury(q, id, count, 'delivered ' .. count .. ' times without an ack (max_deliveries=' ..
+      max_deliveries .. '): the task probably crashed its worker', now)
+    buried[#buried + 1] = q; buried[#buried + 1] = id; buried[#buried + 1] = count
+    return
+  end
+  count = count + 1
+  redis.call('HSET', key(q, COUNT), id, count)
+  redis.call('HSET', key(q, LEASE), id, token)
+  redis.call('ZADD', key(q, INFLIGHT), lease_until, id)
+  leased[#leased + 1] = q; leased[#leased + 1] = id; leased[#leased + 1] = count
+  leased[#leased + 1] = body
+  taken = taken + 1
+end
+local requeued = {}
+for q = 1, nq do requeued[q] = redis.call('ZCARD', key(q, READY)) > 0 end
+-- Most urgent priority first, then queue order; within one queue and priority, the messages
+-- that came back (ready set) before the fresh ones (new lists), each FIFO.
+for p = 9, 0, -1 do
   for q = 1, nq do
-    local found = redis.call('ZRANGE', key(q, READY), 0, need - 1, 'WITHSCORES')
-    for i = 1, #found, 2 do
-      local score = tonumber(found[i + 1])
-      heads[#heads + 1] = {math.floor(score / BAND), q, score, found[i]}
+    while requeued[q] and taken < want do
+      local low = (9 - p) * BAND
+      local ids = redis.call('ZRANGEBYSCORE', key(q, READY), string.format('%.0f', low),
+        '(' .. string.format('%.0f', low + BAND), 'LIMIT', 0, want - taken)
+      if #ids == 0 then break end
+      for _, id in ipairs(ids) do
+        redis.call('ZREM', key(q, READY), id)
+        local body = redis.call('HGET', key(q, BODY), id)
+        if body then
+          take(q, id, body, tonumber(redis.call('HGET', key(q, COUNT), id) or '0'))
+        else  -- acked or purged meanwhile: nothing to deliver
+          redis.call('HDEL', key(q, COUNT), id)
+          redis.call('HDEL', key(q, LEASE), id)
+        end
+      end
+    end
+    while taken < want do
+      local fresh = redis.call('LPOP', key(q, NEW0 + p), want - taken)
+      if not fresh then break end
+      for _, payload in ipairs(fresh) do
+        local id, body = string.sub(payload, 1, ID_LENGTH), string.sub(payload, ID_LENGTH + 1)
+        -- A body already there means a publish retried after a lost reply: the first copy
+        -- is queued or leased already, so this one is dropped.
+        if redis.call('HSETNX', key(q, BODY), id, body) == 1 then take(q, id, body, 0) end
+      end
     end
   end
-  if #heads == 0 then break end
-  table.sort(heads, function(a, b)
-    if a[1] ~= b[1] then return a[1] < b[1] end
-    if a[2] ~= b[2] then return a[2] < b[2] end
-    return a[3] < b[3]
-  end)
-  for i = 1, math.min(need, #heads) do
-    local q, id = heads[i][2], heads[i][4]
-    redis.call('ZREM', key(q, READY), id)
-    local count = tonumber(redis.call('HGET', key(q, COUNT), id) or '0')
-    local body = redis.call('HGET', key(q, BODY), id)
-    if not body then  -- purged meanwhile: nothing to deliver
-      redis.call('HDEL', key(q, COUNT), id)
-      redis.call('HDEL', key(q, LEASE), id)
-    elseif count >= max_deliveries then
-      bury(q, id, count, 'delivered ' .. count .. ' times without an ack (max_deliveries=' ..
-        max_deliveries .. '): the task probably crashed its worker', now)
-      buried[#buried + 1] = q; buried[#buried + 1] = id; buried[#buried + 1] = count
-    else
-      count = count + 1
-      redis.call('HSET', key(q, COUNT), id, count)
-      redis.call('HSET', key(q, LEASE), id, token)
-      redis.call('ZADD', key(q, INFLIGHT), ms(now + lease_ms), id)
-      leased[#leased + 1] = q; leased[#leased + 1] = id; leased[#leased + 1] = count
-      leased[#leased + 1] = body
-      taken = taken + 1
-    end
-  end
+  if taken >= want then break end
 end
 local wait_ms = -1
-if taken > 0 then
+if taken >= want then
+  for q = 1, nq do notify(q) end  -- more may be left: a publish wakes only one consumer
+else
   for q = 1, nq do
-    if redis.call('ZCARD', key(q, READY)) > 0 then
-      notify(q)  -- wake another blocked consumer for what is left: a publish wakes only one
-    else
+    -- Everything ready was taken: a token left now would only wake a consumer for nothing.
+    redis.call('DEL', key(q, WAKE))
+    if redis.call('ZCARD', key(q, READY)) == 0 then
       redis.call('DEL', key(q, SEQ))  -- FIFO order only matters among ready messages
     end
   end
-else
+end
+if taken == 0 then
   for q = 1, nq do
     for _, source in ipairs({DELAYED, INFLIGHT}) do
       local first = redis.call('ZRANGE', key(q, source), 0, 0, 'WITHSCORES')
@@ -308,16 +341,19 @@ end
 return {wait_ms, buried, leased}
 """
 
-# KEYS: one queue's keys. ARGV: id, token. Returns 1 if deleted.
+# KEYS: one queue's keys. ARGV: id, token pairs. Returns how many were deleted.
 _ACK = """
-local id = ARGV[1]
-if not holds_lease(id, ARGV[2]) then return 0 end
-redis.call('ZREM', key(1, INFLIGHT), id)
-redis.call('ZREM', key(1, READY), id)  -- its lease ran out, but nobody took it since
-redis.call('HDEL', key(1, BODY), id)
-redis.call('HDEL', key(1, COUNT), id)
-redis.call('HDEL', key(1, LEASE), id)
-return 1
+local ids = {}
+for i = 1, #ARGV, 2 do
+  if holds_lease(ARGV[i], ARGV[i + 1]) then ids[#ids + 1] = ARGV[i] end
+end
+if #ids == 0 then return 0 end
+redis.call('ZREM', key(1, INFLIGHT), unpack(ids))
+redis.call('ZREM', key(1, READY), unpack(ids))  -- their leases ran out, but nobody took them since
+redis.call('HDEL', key(1, BODY), unpack(ids))
+redis.call('HDEL', key(1, COUNT), unpack(ids))
+redis.call('HDEL', key(1, LEASE), unpack(ids))
+return #ids
 """
 
 # KEYS: one queue's keys. ARGV: id, token, requeue (1/0), delay_ms, reason. Returns 1 if done.
@@ -362,8 +398,10 @@ _STATS = """
 local now = ms(clock_ms())
 local due = redis.call('ZCOUNT', key(1, DELAYED), '-inf', now)
 local expired = redis.call('ZCOUNT', key(1, INFLIGHT), '-inf', now)
+local fresh = 0
+for p = 0, 9 do fresh = fresh + redis.call('LLEN', key(1, NEW0 + p)) end
 return {
-  redis.call('ZCARD', key(1, READY)) + due + expired,
+  redis.call('ZCARD', key(1, READY)) + fresh + due + expired,
   redis.call('ZCARD', key(1, DELAYED)) - due,
   redis.call('ZCARD', key(1, INFLIGHT)) - expired,
   redis.call('LLEN', key(1, DEAD)),
@@ -382,9 +420,15 @@ for i = 1, #ids, 1000 do
   redis.call('HDEL', key(1, COUNT), unpack(chunk))
   redis.call('HDEL', key(1, LEASE), unpack(chunk))
 end
+-- Fresh messages have no body in the hash yet (the list holds it): dropping the lists is enough.
+local fresh = 0
+for p = 0, 9 do
+  fresh = fresh + redis.call('LLEN', key(1, NEW0 + p))
+  redis.call('DEL', key(1, NEW0 + p))
+end
 redis.call('DEL', key(1, READY), key(1, DELAYED), key(1, SEQ))
 redis.call('ZREMRANGEBYSCORE', key(1, INFLIGHT), '-inf', now)
-return #ids
+return #ids + fresh
 """
 
 # KEYS: one queue's keys. ARGV: limit. Returns {id, info, body, ...} of the oldest dead letters.
@@ -468,11 +512,37 @@ def _message_id(priority: int) -> str:
     return f"{check_priority(priority)}{os.urandom(16).hex()}"
 
 
-class _RawConnection(Protocol):
-    """The part of redis-py's (untyped) ``Connection`` used to run a script directly."""
+def _resp(*args: bytes | str | int) -> bytes:
+    """One command in Redis's wire format (RESP), packed here: redis-py's packer costs more
+    client time than the LPUSH it sends."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        raw = arg if isinstance(arg, bytes) else str(arg).encode()
+        out += (b"$%d\r\n" % len(raw), raw, b"\r\n")
+    return b"".join(out)
 
-    def send_command(self, *args: Any) -> None: ...
+
+def _rpush(prefix: bytes, payloads: Sequence[bytes]) -> bytes:
+    """``RPUSH`` of ``payloads``, after ``prefix`` (the packed command name and key, from
+    :meth:`RedisBroker._fresh_commands`, with the argument count still to add)."""
+    out = [b"*%d\r\n" % (len(payloads) + 2), prefix]
+    for payload in payloads:
+        out += (b"$%d\r\n" % len(payload), payload, b"\r\n")
+    return b"".join(out)
+
+
+#: Most messages one ``RPUSH`` of ``publish_many`` carries, and most deliveries one ack script
+#: gets (Lua's ``unpack`` has a limit near 8,000).
+CHUNK = 1000
+
+
+class _RawConnection(Protocol):
+    """The part of redis-py's (untyped) ``Connection`` used to talk to Redis directly."""
+
+    def send_packed_command(self, command: list[bytes]) -> None: ...
     def read_response(self) -> Any: ...
+    def can_read(self) -> bool: ...
+    def connect(self) -> None: ...
     def disconnect(self) -> None: ...
 
 
@@ -484,59 +554,109 @@ class _Connection:
         self.pool = redis.ConnectionPool.from_url(url, **kwargs)
         self.client = redis.Redis(connection_pool=self.pool)
         self.shas = {name: Script(self.client, source).sha for name, source in _SOURCES.items()}
+        # One connection kept out of the pool for whichever thread finds it free: taking one
+        # from redis-py's pool and giving it back (a poll of the socket, events, metrics)
+        # costs more client time than the LPUSH of a publish. Connected on first use.
+        self._own = cast(_RawConnection, self.pool.make_connection())
+        self._own_lock = threading.Lock()
+        self._own_used = 0.0  # time.monotonic() of its last use
+        self._heads: dict[tuple[str, tuple[bytes, ...]], bytes] = {}
 
     def run(self, name: str, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
-        """One EVALSHA; after NOSCRIPT (Redis restarted or flushed its scripts) load and repeat.
+        """One EVALSHA; after NOSCRIPT (Redis restarted or flushed its scripts) load and repeat."""
+        return self.run_many([(name, keys, args)])[0]
 
-        It talks to a pooled connection directly: ``Redis.execute_command`` adds retries and
-        metrics that cost as much client time as the whole command (measured: 41 us against
-        25 us of CPU for an LPUSH), and the caller handles retries itself.
+    def send(self, packed: bytes, replies: int) -> list[Any]:
+        """Send packed commands in one write and read their ``replies``: one round trip.
+
+        It talks to a connection directly: ``Redis.execute_command`` adds retries and metrics
+        that cost as much client time as the command, and the callers handle retries
+        themselves. An error reply comes back in the list as its exception, so that the other
+        replies are still read off the socket; a lost connection raises.
         """
+        if self._own_lock.acquire(blocking=False):
+            try:
+                now = time.monotonic()
+                if now - self._own_used > IDLE_CHECK_S:
+                    _check(self._own)
+                self._own_used = now
+                return _exchange(self._own, packed, replies)
+            finally:
+                self._own_lock.release()
         pool = self.pool
         pooled = pool.get_connection(*_GET_CONNECTION_ARGS)
-        conn = cast(_RawConnection, pooled)
         try:
-            conn.send_command("EVALSHA", self.shas[name], len(keys), *keys, *args)
-            try:
-                return conn.read_response()
-            except NoScriptError:
-                conn.send_command("SCRIPT", "LOAD", _SOURCES[name])
-                conn.read_response()
-                conn.send_command("EVALSHA", self.shas[name], len(keys), *keys, *args)
-                return conn.read_response()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            conn.disconnect()  # a reply may be half read: never hand this socket out again
-            raise
+            return _exchange(cast(_RawConnection, pooled), packed, replies)
         finally:
             pool.release(pooled)
 
     def run_many(self, calls: Sequence[tuple[str, Sequence[bytes], Sequence[Any]]]) -> list[Any]:
         """Several scripts in one pipelined round trip (not a transaction: each is atomic).
 
-        redis-py's pipeline would check every script with SCRIPT EXISTS first, a second round
-        trip per call; here EVALSHA goes out directly, and only after NOSCRIPT (Redis was
-        restarted) are the scripts loaded and the failed calls sent again.
+        EVALSHA goes out directly; only after NOSCRIPT (Redis was restarted) are the scripts
+        loaded and the failed calls sent again.
         """
-        results = self._pipeline(calls)
+        results = self.send(b"".join(self._evalsha(call) for call in calls), len(calls))
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
             for name in {calls[i][0] for i in missing}:
                 self.client.script_load(_SOURCES[name])
-            for i, result in zip(missing, self._pipeline([calls[i] for i in missing]), strict=True):
+            retried = self.send(b"".join(self._evalsha(calls[i]) for i in missing), len(missing))
+            for i, result in zip(missing, retried, strict=True):
                 results[i] = result
         for result in results:
             if isinstance(result, Exception):
                 raise result
         return results
 
-    def _pipeline(self, calls: Sequence[tuple[str, Sequence[bytes], Sequence[Any]]]) -> list[Any]:
-        with self.client.pipeline(transaction=False) as pipe:
-            for name, keys, args in calls:
-                pipe.evalsha(self.shas[name], len(keys), *keys, *args)
-            return list(pipe.execute(raise_on_error=False))
+    def _evalsha(self, call: tuple[str, Sequence[bytes], Sequence[Any]]) -> bytes:
+        name, keys, args = call
+        cache_key = (name, tuple(keys))
+        head = self._heads.get(cache_key)
+        if head is None:
+            # The script and its keys, packed once: a receive of one queue has 20 keys.
+            head = _resp("EVALSHA", self.shas[name], len(keys), *keys).split(b"\r\n", 1)[1]
+            if len(self._heads) < 10_000:  # bounded, as RedisBroker._keys
+                self._heads[cache_key] = head
+        out = [b"*%d\r\n" % (3 + len(keys) + len(args)), head]
+        for arg in args:
+            raw = arg if isinstance(arg, bytes) else str(arg).encode()
+            out += (b"$%d\r\n" % len(raw), raw, b"\r\n")
+        return b"".join(out)
 
     def close(self) -> None:
+        with self._own_lock:
+            self._own.disconnect()
         self.pool.disconnect()
+
+
+def _check(conn: _RawConnection) -> None:
+    """What redis-py's pool does to a connection it hands out: one that Redis closed (it
+    restarted, or dropped an idle client) is replaced before a command goes out on it, since
+    a command whose reply is lost cannot be safely repeated."""
+    try:
+        stale = conn.can_read()  # an idle connection has nothing to read but an EOF
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        stale = True
+    if stale:
+        conn.disconnect()
+        conn.connect()
+
+
+def _exchange(conn: _RawConnection, packed: bytes, replies: int) -> list[Any]:
+    """Write ``packed`` on ``conn``, read ``replies`` replies (see :meth:`_Connection.send`)."""
+    try:
+        conn.send_packed_command([packed])  # a list: redis-py iterates over it
+        results: list[Any] = []
+        for _ in range(replies):
+            try:
+                results.append(conn.read_response())
+            except redis.exceptions.ResponseError as exc:
+                results.append(exc)
+        return results
+    except BaseException:
+        conn.disconnect()  # a reply may be half read: never use this socket again
+        raise
 
 
 #: Connections inherited through fork(): kept referenced and never closed by the child, whose
@@ -577,6 +697,7 @@ class RedisBroker:
         }
         self._block_s = min(MAX_BLOCK_S, self.socket_timeout_s / 2)
         self._keys: dict[tuple[str, str], list[bytes]] = {}
+        self._fresh: dict[str, tuple[list[bytes], bytes]] = {}
         self._lock = threading.Lock()
         self._conn: _Connection | None = None
         try:
@@ -681,34 +802,83 @@ class RedisBroker:
         delay_s: float = 0.0,
         priority: int = DEFAULT_PRIORITY,
     ) -> None:
-        args = (_message_id(priority), envelope.to_bytes(), _delay_ms(delay_s))
+        message_id, delay_ms = _message_id(priority), _delay_ms(delay_s)
+        action = f"publish to {queue!r}"
+        if delay_ms > 0:
+            args = (message_id, envelope.to_bytes(), delay_ms)
+            send: Callable[[], object] = lambda: self._run(action, "publish", queue, args)  # noqa: E731
+        else:
+            # The common case, without a script: RPUSH "<id><body>" to the priority's list, then
+            # the wake-up token (see _fresh_commands). The receive script does the rest.
+            lists, notify = self._fresh_commands(queue)
+            packed = _rpush(lists[priority], (message_id.encode() + envelope.to_bytes(),)) + notify
+            send = lambda: self._send(action, packed, 2)  # noqa: E731
         try:
-            self._connection().run("publish", self.keys(queue, "publish"), args)
-        except redis.exceptions.RedisError as exc:
-            action = f"publish to {queue!r}"
-            error = self._error(exc, action)
-            if not isinstance(error, BrokerConnectionError):
-                raise error from exc
-            # The same id goes out again: if the first attempt did land, this overwrites it.
-            self._retry(error, lambda: self._run(action, "publish", queue, args))
+            send()
+        except BrokerConnectionError as error:
+            # The same id goes out again: if the first attempt did land, the receive script
+            # keeps only one copy.
+            self._retry(error, send)
 
     def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
         # Ids and bodies first: a bad priority fails before anything is sent, and a retry
-        # re-sends the same ids, which overwrite instead of duplicating.
-        calls = [
-            (
-                "publish",
-                self.keys(m.queue, "publish"),
-                (_message_id(m.priority), m.envelope.to_bytes(), _delay_ms(m.delay_s)),
-            )
-            for m in messages
-        ]
-        if not calls:
+        # re-sends the same ids, which the receive script does not deliver twice.
+        fresh: dict[tuple[str, int], list[bytes]] = {}
+        delayed: list[tuple[str, Sequence[bytes], Sequence[Any]]] = []
+        for m in messages:
+            message_id, delay_ms = _message_id(m.priority), _delay_ms(m.delay_s)
+            if delay_ms > 0:
+                args = (message_id, m.envelope.to_bytes(), delay_ms)
+                delayed.append(("publish", self.keys(m.queue, "publish"), args))
+            else:
+                fresh.setdefault((m.queue, m.priority), []).append(message_id.encode() + m.envelope.to_bytes())
+        if not messages:
             return
+        # One write: an RPUSH per queue and priority (FIFO kept), then a token per queue (after
+        # every RPUSH, so that no consumer wakes before all is there), and a script per delayed
+        # message.
+        chunks: list[bytes] = []
+        tokens: dict[str, bytes] = {}
+        for (queue, priority), payloads in fresh.items():
+            lists, tokens[queue] = self._fresh_commands(queue)
+            chunks.extend(_rpush(lists[priority], payloads[i : i + CHUNK]) for i in range(0, len(payloads), CHUNK))
+        replies = len(chunks) + len(tokens)
+        packed = b"".join(chunks) + b"".join(tokens.values())
+
+        def send() -> None:
+            if replies:
+                self._send("publish", packed, replies)
+            if delayed:
+                self._run_many("publish", delayed)
+
         try:
-            self._run_many("publish", calls)
+            send()
         except BrokerConnectionError as error:
-            self._retry(error, lambda: self._run_many("publish", calls))
+            self._retry(error, send)
+
+    def _fresh_commands(self, queue: str) -> tuple[list[bytes], bytes]:
+        """For a publish to ``queue`` without delay: the start of the ``RPUSH`` to each
+        priority's list, and the packed ``ZADD`` that leaves the wake-up token (a sorted set
+        of one member, so repeating it adds nothing)."""
+        found = self._fresh.get(queue)
+        if found is None:
+            keys = dict(zip(_SUFFIXES, self.keys(queue, "receive"), strict=True))
+            lists = [b"$5\r\nRPUSH\r\n$%d\r\n%s\r\n" % (len(keys[new]), keys[new]) for new in _NEW]
+            notify = _resp("ZADD", keys["wake"], 0, 1)
+            found = (lists, notify)
+            if len(self._fresh) < 10_000:  # bounded, as self._keys
+                self._fresh[queue] = found
+        return found
+
+    def _send(self, action: str, packed: bytes, replies: int) -> list[Any]:
+        try:
+            results = self._connection().send(packed, replies)
+        except redis.exceptions.RedisError as exc:
+            raise self._error(exc, action) from exc
+        for result in results:
+            if isinstance(result, redis.exceptions.RedisError):
+                raise self._error(result, action) from result
+        return results
 
     # -- consuming -----------------------------------------------------------------------
 
@@ -760,8 +930,8 @@ class RedisConsumer:
         self.id = uuid.uuid4().hex[:16]
         self._receipts = itertools.count(1)
         self._keys = [key for queue in self.queues for key in broker.keys(queue, "receive")]
-        notify = _SCRIPT_KEYS["receive"].index("notify")
-        self._notify_keys = [broker.keys(queue, "receive")[notify] for queue in self.queues]
+        wake = _SCRIPT_KEYS["receive"].index("wake")
+        self._wake_keys = [broker.keys(queue, "receive")[wake] for queue in self.queues]
         self._closed = False
 
     def __repr__(self) -> str:
@@ -815,18 +985,32 @@ class RedisConsumer:
         return deliveries, int(wait_ms)
 
     def _block(self, timeout_s: float) -> None:
-        """Wait on the queues' notification lists for a publish, a requeue or a new delay.
+        """Wait on the queues' wake-up tokens for a publish, a requeue or a new delay.
 
-        BLPOP's timeout 0 means forever, and Redis counts whole milliseconds: never below 1 ms.
+        BZPOPMIN's timeout 0 means forever, and Redis counts whole milliseconds: never below 1 ms.
         """
         try:
-            self.broker._connection().client.blpop(self._notify_keys, timeout=f"{max(timeout_s, 0.001):.3f}")  # type: ignore[arg-type]
+            self.broker._connection().client.bzpopmin(self._wake_keys, timeout=round(max(timeout_s, 0.001), 3))
         except redis.exceptions.RedisError as exc:
             raise self.broker._error(exc, "wait for messages") from exc
 
     def ack(self, delivery: Delivery) -> None:
         queue, message_id, token = delivery.tag
         self.broker._run("ack", "ack", queue, (message_id, token))
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack ``deliveries`` in one round trip: one script per queue (and CHUNK deliveries)."""
+        by_queue: dict[str, list[str]] = {}
+        for delivery in deliveries:
+            queue, message_id, token = delivery.tag
+            by_queue.setdefault(queue, []).extend((message_id, token))
+        calls = [
+            ("ack", self.broker.keys(queue, "ack"), pairs[i : i + 2 * CHUNK])
+            for queue, pairs in by_queue.items()
+            for i in range(0, len(pairs), 2 * CHUNK)
+        ]
+        if calls:
+            self.broker._run_many("ack", calls)
 
     def nack(self, delivery: Delivery, *, requeue: bool, reason: str = "", delay_s: float = 0.0) -> None:
         queue, message_id, token = delivery.tag

@@ -26,6 +26,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from taskframe.broker import QueueStats
 from taskframe.exceptions import BackendError, BrokerConnectionError, ConfigurationError
 from taskframe.registry import create_backend, create_broker
 from taskframe.settings import Settings
@@ -198,7 +199,7 @@ def test_redis_restarted_mid_run_every_task_completes(
     backend_url = redis_server.url if results == "results-in-the-restarted-redis" else URL
     tasks = make_tasks_on_redis(broker_url=redis_server.url, backend_url=backend_url, visibility_timeout=5.0)
     count = 300
-    results = tasks.app.send_many([(f"{tasks.name}.sleep_then", (0.02, i), {}, {}) for i in range(count)])
+    handles = tasks.app.send_many([(f"{tasks.name}.sleep_then", (0.02, i), {}, {}) for i in range(count)])
     workers = [tasks.start_worker("-P", "threads", "-c", "4", "-l", "warning") for _ in range(2)]
     tasks.wait_for_line("finished.txt", 40)
     # When Redis shuts down without saving, stays down for a second, and comes back
@@ -207,7 +208,7 @@ def test_redis_restarted_mid_run_every_task_completes(
     time.sleep(1.0)
     redis_server.start()
     # Then the workers reconnect and every task completes: nothing was lost
-    assert [r.get(timeout=60) for r in results] == list(range(count))
+    assert [r.get(timeout=60) for r in handles] == list(range(count))
     runs = Counter(tasks.lines("finished.txt"))
     assert set(runs) == {str(i) for i in range(count)}
     duplicates = sum(runs.values()) - count  # at least once: an ack lost in the outage runs again
@@ -285,6 +286,55 @@ def test_a_consumer_of_several_queues_takes_priority_first_then_queue_order(raw:
         assert [d.envelope.task_id for d in deliveries] == ["b9", "a5", "b5", "a0"]
         for delivery in deliveries:
             consumer.ack(delivery)
+    finally:
+        broker.close()
+        for queue in (first, second):
+            delete_keys(raw, f"taskframe:{{{queue}}}:*")
+
+
+def test_a_publish_sent_twice_after_a_lost_reply_is_delivered_once(raw: redis.Redis) -> None:
+    # A publish whose reply was lost is sent again with the same id; when both copies landed,
+    # the receive script keeps one.
+    broker = create_broker(URL, Settings(broker_url=URL))
+    queue = f"tf-int-{uuid.uuid4().hex[:8]}"
+    try:
+        broker.publish(queue, _envelope())
+        (fresh_list,) = [key for key in raw.scan_iter(match=f"taskframe:{{{queue}}}:new*")]
+        raw.rpush(fresh_list, *raw.lrange(fresh_list, 0, -1))  # what the retry leaves behind
+        consumer = broker.consumer([queue], prefetch=5)
+
+        deliveries = consumer.receive(1.0, max_messages=5)
+
+        assert len(deliveries) == 1
+        consumer.ack(deliveries[0])
+        assert consumer.receive(0.1, max_messages=5) == []
+        assert broker.stats(queue) == QueueStats(queue, ready=0, delayed=0, reserved=0, dead=0)
+    finally:
+        broker.close()
+        delete_keys(raw, f"taskframe:{{{queue}}}:*")
+
+
+def test_ack_many_deletes_a_batch_of_several_queues_but_not_a_copy_received_again(raw: redis.Redis) -> None:
+    broker = create_broker(URL, Settings(broker_url=URL, visibility_timeout=0.5))
+    first, second = (f"tf-int-{uuid.uuid4().hex[:8]}-{n}" for n in ("a", "b"))
+    try:
+        for queue in (first, first, second, second):
+            broker.publish(queue, _envelope())
+        consumer = broker.consumer([first, second], prefetch=4)
+        batch = consumer.receive(1.0, max_messages=4)
+        assert len(batch) == 4
+        # One delivery's lease runs out and another consumer receives the message again
+        time.sleep(0.6)
+        consumer.renew(batch[:3])  # the other three keep theirs
+        again = broker.consumer([first, second], prefetch=1).receive(1.0)
+        assert [d.envelope for d in again] == [batch[3].envelope]
+
+        consumer.ack_many(batch)  # type: ignore[attr-defined]
+
+        assert broker.stats(first) == QueueStats(first, ready=0, delayed=0, reserved=0, dead=0)
+        assert broker.stats(second) == QueueStats(second, ready=0, delayed=0, reserved=1, dead=0)
+        consumer.ack_many(batch)  # type: ignore[attr-defined]  # idempotent
+        assert broker.stats(second).reserved == 1
     finally:
         broker.close()
         for queue in (first, second):
