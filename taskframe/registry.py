@@ -31,6 +31,7 @@ BROKERS: dict[str, tuple[str, str | None]] = {
     "amqp": ("taskframe.brokers.amqp:AMQPBroker", "amqp"),
     "amqps": ("taskframe.brokers.amqp:AMQPBroker", "amqp"),
     "sqs": ("taskframe.brokers.sqs:SQSBroker", "sqs"),
+    "kombu": ("taskframe.brokers.kombu:KombuBroker", "kombu"),
 }
 BACKENDS: dict[str, tuple[str, str | None]] = {
     "memory": ("taskframe.backends.memory:MemoryBackend", None),

@@ -14,6 +14,9 @@ from typing import Any
 from tests import rabbitmq_service, redis_service
 from tests.conformance import sqs_server
 
+#: The Redis database of the kombu+redis entry (see BROKERS).
+KOMBU_REDIS_DB = 15
+
 
 def _always_available() -> str | None:
     return None
@@ -81,6 +84,30 @@ BROKERS: list[BrokerSpec] = [
     BrokerSpec(
         "amqp",
         lambda tmp_path: rabbitmq_service.url(max_priority=9),
+        crosses_processes=True,
+        unavailable=rabbitmq_service.unavailable,
+        late_ack_deletes=False,
+        counts_others_reserved=False,
+    ),
+    # kombu's Redis transport (brokers/kombu.py), Celery's layout: its own database, because kombu
+    # keeps every lease of a database in one "unacked" hash and any client puts back expired ones.
+    # 15 is free (tests/redis_service.py: 11-13; 14 is tests/integration/test_celery_interop.py).
+    # late_ack_deletes: a put-back message is a new copy, which the old delivery cannot ack.
+    BrokerSpec(
+        "kombu+redis",
+        lambda tmp_path: "kombu+" + redis_service.url(KOMBU_REDIS_DB),
+        crosses_processes=True,
+        unavailable=redis_service.unavailable,
+        late_ack_deletes=False,
+    ),
+    # kombu's in-process transport: one process, no lease of its own (the adapter keeps them); a
+    # lease that ran out hands back a copy, so a late ack cannot delete it.
+    BrokerSpec("kombu+memory", lambda tmp_path: "kombu+memory://", crosses_processes=False, late_ack_deletes=False),
+    # kombu's py-amqp transport on this session's vhost: leases kept by the adapter (RabbitMQ has
+    # none but the connection's); AMQP reports no unacked counts, so reserved counts its own.
+    BrokerSpec(
+        "kombu+amqp",
+        lambda tmp_path: "kombu+" + rabbitmq_service.url(),
         crosses_processes=True,
         unavailable=rabbitmq_service.unavailable,
         late_ack_deletes=False,
