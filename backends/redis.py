@@ -18,6 +18,7 @@ Layout (Celery's for records, so Celery tools can read them)::
 
     celery-task-meta-<task id>   STRING  the record as JSON, TTL = ttl_s (result_expires)
     taskframe-doc-<key>          STRING  a document of put(), as JSON
+    celery-taskset-meta-<id>     STRING  the document "group-meta-<id>" (a saved group), as JSON
     taskframe-counter-<key>      STRING  a counter of incr()
 
 Features: task records, documents and counters, each with an optional TTL that Redis
@@ -71,6 +72,9 @@ log = logging.getLogger(__name__)
 TASK_KEY_PREFIX = "celery-task-meta-"
 #: Keys of documents (put/get/scan/delete) and counters (incr).
 DOC_KEY_PREFIX, COUNTER_KEY_PREFIX = "taskframe-doc-", "taskframe-counter-"
+#: A saved group's document ("group-meta-<id>") lives under Celery's key, where Celery's
+#: GroupResult.restore looks (GroupResult.save writes Celery's layout into it).
+GROUP_DOC_PREFIX, CELERY_GROUP_KEY_PREFIX = "group-meta-", "celery-taskset-meta-"
 #: Seconds a socket read or write may take before the connection counts as lost.
 DEFAULT_SOCKET_TIMEOUT_S = 10.0
 #: Seconds to establish a connection before it counts as refused.
@@ -479,6 +483,8 @@ class RedisBackend:
         return f"{self.key_prefix}{TASK_KEY_PREFIX}{task_id}"
 
     def doc_key(self, key: str) -> str:
+        if key.startswith(GROUP_DOC_PREFIX):
+            return f"{self.key_prefix}{CELERY_GROUP_KEY_PREFIX}{key.removeprefix(GROUP_DOC_PREFIX)}"
         return f"{self.key_prefix}{DOC_KEY_PREFIX}{key}"
 
     def counter_key(self, key: str) -> str:

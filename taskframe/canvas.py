@@ -41,6 +41,13 @@ _SIGNATURE_OPTION_KEYS = frozenset(
     }
 )
 
+#: Options Celery writes into a signature's dict form that have no meaning here (``reply_to``
+#: names Celery's RPC result queue; stamps are Celery's) and that apply_async would refuse.
+#: Dropped on receipt, so a chain or callback sent by Celery runs on a taskframe worker.
+_CELERY_ONLY_OPTION_KEYS = frozenset(
+    {"reply_to", "stamped_headers", "stamps", "replaced_task_nesting", "exchange", "routing_key"}
+)
+
 
 class Signature:
     """A task name with arguments and options, to be called later: ``add.s(2, 2)``."""
@@ -103,7 +110,7 @@ class Signature:
         """Rebuild a signature (or chain, group, chord) from its dict form."""
         kind = data.get("subtask_type")
         kwargs = data.get("kwargs") or {}
-        options = dict(data.get("options") or {})
+        options = {k: v for k, v in (data.get("options") or {}).items() if k not in _CELERY_ONLY_OPTION_KEYS}
         if kind == "chain":
             built: Signature = chain(*(Signature.from_dict(t, app) for t in kwargs["tasks"]), app=app)
         elif kind == "group":
@@ -116,7 +123,7 @@ class Signature:
                 str(data["task"]),
                 data.get("args") or (),
                 data.get("kwargs") or {},
-                data.get("options") or {},
+                options,
                 immutable=bool(data.get("immutable")),
                 app=app,
             )

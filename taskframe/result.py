@@ -138,9 +138,10 @@ class AsyncResult(Generic[R]):
         return datetime.datetime.fromisoformat(str(record["date_done"]))
 
     @property
-    def children(self) -> list[AsyncResult[Any]]:
+    def children(self) -> list[AsyncResult[Any] | GroupResult]:
+        """The tasks this one sent while it ran, as stored (Celery's result tuples)."""
         record = self._record()
-        return [AsyncResult(str(c), self.app) for c in (record or {}).get("children") or []]
+        return [result_from_tuple(c, self.app) for c in (record or {}).get("children") or []]
 
     def ready(self) -> bool:
         return self.state in states.READY_STATES
@@ -197,8 +198,9 @@ class AsyncResult(Generic[R]):
     def revoke(self, terminate: bool = False) -> None:
         self.app.control_revoke(self.id, terminate=terminate)
 
-    def as_tuple(self) -> tuple[str, Any]:
-        return (self.id, self.parent.as_tuple() if self.parent else None)
+    def as_tuple(self) -> tuple[tuple[str, Any], None]:
+        """Celery's serialized handle, ``((id, parent tuple), None)``: see :func:`result_from_tuple`."""
+        return (self.id, self.parent.as_tuple() if self.parent else None), None
 
 
 class GroupResult:
@@ -255,24 +257,59 @@ class GroupResult:
             result.forget()
         self.app.backend.delete(f"group-meta-{self.id}")
 
+    def as_tuple(self) -> tuple[tuple[str, None], list[Any]]:
+        """Celery's serialized handle, ``((id, None), [member tuples])``."""
+        return (self.id, None), [r.as_tuple() for r in self.results]
+
     def save(self) -> None:
-        """Store the member ids, so ``app.GroupResult.restore(id)`` works anywhere."""
+        """Store the members, so ``app.GroupResult.restore(id)`` works anywhere.
+
+        ``result`` is Celery's layout (its ``GroupResult.restore`` reads it from the Redis
+        backend's ``celery-taskset-meta-<id>``); ``results``, the plain ids, is what a
+        chord's last header task reads.
+        """
         self.app.backend.put(
             f"group-meta-{self.id}",
-            {"group_id": self.id, "results": [r.id for r in self.results]},
+            {"result": self.as_tuple(), "group_id": self.id, "results": [r.id for r in self.results]},
             ttl_s=self.app.conf.result_expires,
         )
 
     @classmethod
     def restore(cls, group_id: str, app: App | None = None) -> GroupResult | None:
+        """The group saved under ``group_id`` by taskframe or by Celery, or None."""
         from .app import current_app
 
         app = app or current_app()
         meta = app.backend.get(f"group-meta-{group_id}")
         if meta is None:
             return None
-        return cls(group_id, [AsyncResult(str(i), app) for i in meta["results"]], app=app)
+        if "results" in meta:
+            return cls(group_id, [AsyncResult(str(i), app) for i in meta["results"]], app=app)
+        restored = result_from_tuple(meta.get("result"), app)
+        if not isinstance(restored, GroupResult):
+            msg = f"group {group_id}: the stored metadata is not a group's ({meta.get('result')!r})"
+            raise ValueError(msg)
+        return restored
 
     def as_parent(self) -> AsyncResult[Any]:
         """An AsyncResult standing for the group, for ``.parent`` links of a chord."""
         return AsyncResult(self.id, self.app)
+
+
+def result_from_tuple(value: Any, app: App) -> AsyncResult[Any] | GroupResult:
+    """A result handle from Celery's serialized form (``children``, group metadata): a task id,
+    ``[[id, parent], None]`` for a task, or ``[[id, parent], [members]]`` for a group."""
+    if isinstance(value, str):
+        return AsyncResult(value, app)
+    try:
+        head, members = value
+        task_id, parent = head if isinstance(head, list | tuple) else (head, None)
+    except (TypeError, ValueError):
+        msg = f"not a result tuple as Celery writes one: {value!r}"
+        raise ValueError(msg) from None
+    if members is not None:
+        # A member may be a nested group, as in Celery: it answers ready(), get() and the rest too.
+        nested = cast(list[AsyncResult[Any]], [result_from_tuple(m, app) for m in members])
+        return GroupResult(str(task_id), nested, app=app)
+    parent_result = result_from_tuple(parent, app) if parent else None
+    return AsyncResult(str(task_id), app, parent=parent_result if isinstance(parent_result, AsyncResult) else None)
