@@ -350,13 +350,36 @@ class Executor:
 
     def _after_success(self, message: Message, value: Any) -> None:
         for callback in message.embed.callbacks or []:
-            self._send_follow_up(Signature.from_dict(callback, self.app), message, (value,))
+            with self._follow_up_guard(message, "a link"):
+                self._send_follow_up(Signature.from_dict(callback, self.app), message, (value,))
         if message.embed.chain:
             *rest, next_step = message.embed.chain
             options = {"chain": rest} if rest else {}
-            self._send_follow_up(Signature.from_dict(next_step, self.app), message, (value,), **options)
+            with self._follow_up_guard(message, "the next step of its chain"):
+                self._send_follow_up(Signature.from_dict(next_step, self.app), message, (value,), **options)
         if message.embed.chord:
-            self._count_chord_member(message)
+            with self._follow_up_guard(message, "its chord's bookkeeping"):
+                self._count_chord_member(message)
+
+    @contextlib.contextmanager
+    def _follow_up_guard(self, message: Message, what: str) -> Iterator[None]:
+        """Let broker and backend failures through (the message goes back and the task runs
+        again, so what follows is not lost); log anything else once and carry on: a follow-up
+        that cannot even be built (a malformed signature in ``embed``) would fail the same way on
+        every run, and running a finished task again cannot mend it."""
+        try:
+            yield
+        except (BackendError, BrokerError):
+            raise
+        except Exception as exc:
+            log.error(
+                "Task %s[%s] succeeded, but %s could not be sent: %s: %s",
+                message.task,
+                message.id,
+                what,
+                type(exc).__name__,
+                exc,
+            )
 
     def _send_follow_up(self, sig: Signature, parent: Message, args: tuple[Any, ...], **options: Any) -> None:
         sig.apply_async(args, parent_id=parent.id, root_id=parent.headers.root_id or parent.id, **options)

@@ -276,6 +276,24 @@ def test_unknown_task_and_garbage_are_dead_lettered_and_the_worker_goes_on(app: 
     assert any("cannot decode" in d.reason for d in dead)
 
 
+def test_a_follow_up_that_cannot_be_built_leaves_the_finished_task_alone(
+    app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A chain step with an option no apply_async accepts: sending it fails the same way on
+    # every run, so the task must run once, keep its result, and the worker must go on.
+    record = app.tasks["t.record"]
+    step = {"task": "t.record", "args": ["next"], "kwargs": {}, "options": {"no_such_option": 1}}
+    result = record.apply_async(args=["first"], chain=[step])
+    with start_worker(app):
+        assert result.get(timeout=5) is None
+        assert app.tasks["t.add"].delay(1, 2).get(timeout=5) == 3
+    assert app.calls == [("first",)]  # type: ignore[attr-defined]
+    assert result.state == "SUCCESS"
+    assert app.broker.dead_letters("celery") == []
+    assert app.broker.stats("celery").ready == 0
+    assert any("succeeded, but the next step of its chain could not be sent" in r.message for r in caplog.records)
+
+
 def test_rq_style_enqueue_runs_allowed_paths(app: App) -> None:
     with start_worker(app):
         job = app.enqueue(sum, [42, 43])
