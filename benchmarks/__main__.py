@@ -341,7 +341,9 @@ def notes(broker: str, tasks: int, reps: int, budget_s: float) -> list[str]:
             "with Celery's topology (a durable direct exchange and queue per queue); Celery's default "
             "prefetch (4 per process) and remote control off (its exclusive pidbox queue would stop a second "
             "worker on this host); results off: Celery without a backend, taskframe ignore_result; the "
-            "queue, its .dead queue and exchange are deleted with pika after each scenario"
+            "queue, its .dead queue and exchange are deleted with pika after each scenario; taskframe waits for "
+            "RabbitMQ's publisher confirm of each persistent message (written to disk) before a publish returns, "
+            "Celery (kombu's default) publishes without confirms"
         )
     if broker == "sqlite":
         found.append(

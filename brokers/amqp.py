@@ -28,9 +28,8 @@ key ``Q``, with no queue arguments unless an option asks for them, as Celery dec
 so Celery and taskframe producers and workers can share queues. Messages are protocol v2:
 Celery's headers as AMQP headers, ``correlation_id`` = task id, ``priority``,
 ``content_type``/``content_encoding`` from the envelope, ``delivery_mode=2`` (persistent).
-Gap: pika cannot write a floating-point table field, so a float header (a ``timelimit`` of
-2.5) travels as an AMQP decimal of up to 9 significant digits and comes back as a float
-here; a Celery worker reads it as a ``Decimal``. Publishing declares what it needs first
+A float header (a ``timelimit`` of 2.5) travels as an AMQP double, as Celery writes it
+(pika itself writes none: this module adds the encoding). Publishing declares what it needs first
 (cached per connection), so a message sent before any worker starts is kept. Everything
 else lives in separate objects:
 
@@ -65,20 +64,31 @@ while a ``solo`` worker runs a 10-minute task in its main thread and calls nothi
 it is where ``renew`` (called by the worker's keeper thread) and lease timers act. A forked
 child never touches its parent's socket or thread: it opens its own on first use.
 
-``receive`` pulls with ``basic.get`` from each queue, so a batch holds every ready message
-up to ``max_messages``, most urgent first across queues, queues in order on ties, exactly
-as the contract says (a pushed prefetch buffer would reorder and hide messages from
-``stats``). The cost is one round trip per message: measured on a shared 2-core host,
-about 2,000 receive+ack a second with ``max_messages=1`` and 3,300 with 10, where a pushed
-``basic.consume`` reaches ~15,000 (publishing one at a time with confirms: ~1,000 a second,
-as fast as raw pika; ``publish_many`` pipelines its confirms: ~7,000-10,000 a second).
+``receive`` pulls with ``basic.get``, so a batch holds every ready message up to
+``max_messages``, most urgent first across queues, queues in order on ties, exactly as the
+contract says (a pushed prefetch buffer would reorder, hold messages nobody asked for, and
+hide them from ``stats().ready``). The gets are pipelined (``_Getter``): a consumer of one
+queue sends ``max_messages`` gets at once, in one write, and RabbitMQ answers them in
+order, so a batch costs one round trip, not one per message; a consumer of several queues asks each queue
+for one candidate at once, then one get per message taken (the most urgent candidate).
 The worker's ``max_messages`` (free slots + ``worker_prefetch``) bounds what it holds;
 ``basic.qos`` does not apply to ``basic.get``. When nothing is ready the consumer binds its
 bell queue to each queue's exchange (and to the delay delivery) and sleeps until a copy of
-a new message rings it, then gets the message itself; the bell stays bound while the
-consumer is idle and is unbound when it finds work (so copies, which carry the whole body,
-flow only to idle consumers). A message published to ``Q`` through
-another exchange (e.g. the default one) does not ring: it is found by the next ``receive``.
+a new message rings it, then gets the message itself. The bell stays bound while the
+consumer alternates between work and idle waits, and is unbound once it has found work on
+every receive for ``BELL_KEEP_S`` (so copies, which carry the whole body, do not flow to a
+busy consumer for long); unbinding right away put two binding changes, ~3 ms, into every
+idle round trip. A message published to ``Q`` through another exchange (e.g. the default
+one) does not ring: it is found by the next ``receive``. ``ack_many`` acks a finished batch
+in one job of the connection thread, with one ``basic.ack(multiple=True)`` when no other
+delivery of the channel below the highest tag is still held, else one ack per delivery.
+
+Speed (issue #6; one 2-core host shared with other jobs, so figures vary by 2x between runs;
+see docs/brokers/rabbitmq.md): in one process, receive+ack of batches of 5 went from
+~2,300 to ~4,500-7,000 a second, and an idle consumer gets a new message ~0.5 ms after the
+publish returns instead of ~4 ms. A one-call ``publish`` (~1,000 a second when the host is
+quiet, as raw pika) is bound by RabbitMQ's confirm of a persistent message, which waits
+for its disk write; the thread hop costs ~60 us of it. ``publish_many`` pipelines confirms.
 
 Leases. In AMQP an unacked message returns to its queue when its channel or connection
 closes: a dead worker's messages come back at once (faster than ``visibility_timeout``).
@@ -108,9 +118,12 @@ A message whose count reached ``max_deliveries``, or nacked without requeue, goe
 puts them all back in order (cost: one round trip per listed message).
 
 Stats: ``ready`` and ``dead`` are RabbitMQ's ready counts (passive declares); ``delayed`` sums
-the level queues (one round trip each, so ``stats`` costs up to ~35 round trips);
-``reserved`` counts only what this process's consumers hold: AMQP does not report unacked
-messages (the management API would; it is not used).
+the 32 level queues. A passive declare of a missing queue closes its channel, so
+``_Link.counts`` asks each queue on a channel of its own, all opened, asked and closed at
+once: ``stats`` costs about three round trips instead of ~35 (measured ~20 ms instead of
+~40 on the shared host: RabbitMQ's work per channel remains). ``reserved`` counts only what
+this process's consumers hold: AMQP does not report unacked messages (the management API
+would; it is not used).
 
 Delivery guarantee
 ==================
@@ -135,6 +148,7 @@ import math
 import os
 import re
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -145,7 +159,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 import pika
+import pika.data
 import pika.exceptions
+import pika.frame
 
 from taskframe.broker import (
     DEFAULT_PRIORITY,
@@ -191,6 +207,8 @@ DELAY_LEVELS = 32
 MAX_DELAY_MS = 2**DELAY_LEVELS - 1
 #: Messages moved per confirm round trip by requeue_dead.
 REQUEUE_BATCH = 200
+#: Seconds a consumer must keep finding work before it unbinds its bell (see "Consuming").
+BELL_KEEP_S = 1.0
 
 HEADER_DELIVERIES = "x-taskframe-deliveries"
 HEADER_PROPERTIES = "x-taskframe-properties"
@@ -325,6 +343,10 @@ def _level_queue(queue: str, level: int) -> str:
     return f"{queue}.delay.{2**level}ms"
 
 
+def _level_queues(queue: str) -> list[str]:
+    return [_level_queue(queue, level) for level in range(DELAY_LEVELS)]
+
+
 def _level_exchange(level: int) -> str:
     return f"taskframe.delay.{2**level}ms" if level >= 0 else DELIVER_EXCHANGE
 
@@ -363,23 +385,44 @@ def _properties_from(props: Any) -> dict[str, Any]:
     return out
 
 
-def _to_table_value(value: Any) -> Any:
-    """``value`` in a form pika can write into an AMQP table.
+_pika_encode_value = pika.data.encode_value
 
-    pika writes no floating-point field (RabbitMQ and py-amqp would take a double), so a float
-    travels as an AMQP decimal, rounded to fit its 32-bit mantissa (9 significant digits), and
-    comes back as a float; one no decimal can hold (inf, nan, 1e300) travels as its repr.
-    """
+
+def _encode_value_with_doubles(pieces: list[bytes], value: Any) -> int:
+    """pika's table encoder, plus floats as AMQP doubles (``d``), which pika itself does not
+    write; RabbitMQ and py-amqp (Celery's transport) read them as floats."""
     if isinstance(value, float):
-        if math.isfinite(value):
-            for digits in range(17, 0, -1):
-                number = decimal.Decimal(format(value, f".{digits}g")).normalize()
-                exponent = int(number.as_tuple().exponent)
-                if -255 <= exponent <= 0 and abs(number.scaleb(-exponent)) < 2**31:
-                    return number
-                if exponent > 0 and abs(number) < 2**31:
-                    return number.quantize(decimal.Decimal(1))
-        return repr(value)
+        pieces.append(b"d" + struct.pack(">d", value))
+        return 9
+    return int(_pika_encode_value(pieces, value))
+
+
+_pika_decode_value = pika.data.decode_value
+
+
+def _decode_value_with_doubles(encoded: bytes, offset: int) -> tuple[Any, int]:
+    """pika's table decoder, but an AMQP double or float (``d``/``f``) read as a float: pika 1.x
+    truncates both to an integer, which would turn a Celery ``timelimit`` of 2.5 into 2."""
+    kind = encoded[offset : offset + 1]
+    if kind == b"d":
+        return struct.unpack_from(">d", encoded, offset + 1)[0], offset + 9
+    if kind == b"f":
+        return struct.unpack_from(">f", encoded, offset + 1)[0], offset + 5
+    value, end = _pika_decode_value(encoded, offset)
+    return value, int(end)
+
+
+# pika.data.encode_table / decode_table look encode_value / decode_value up by name, for
+# every table this process writes or reads; patched once, when this adapter is imported.
+pika.data.encode_value = _encode_value_with_doubles
+pika.data.decode_value = _decode_value_with_doubles
+
+
+def _to_table_value(value: Any) -> Any:
+    """``value`` in a form pika can write into an AMQP table: a float is written as a double
+    (above), so a Celery worker reads a ``timelimit`` of 2.5 as the float 2.5."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
     if isinstance(value, dict):
         return {str(k): _to_table_value(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -547,10 +590,7 @@ class _Publisher:
         return self.closed_because is None and bool(self.channel.is_open)
 
     def _wake(self) -> None:
-        # These callbacks run inside pika's I/O loop, which BlockingConnection's
-        # process_data_events does not leave for them: queue a no-op timer so it returns now.
-        if self.link.connection is not None:
-            self.link.connection.call_later(0, _noop)
+        self.link.wake_loop()
 
     def _on_confirm(self, frame: Any) -> None:
         self._wake()
@@ -615,6 +655,69 @@ class _Publisher:
 
 class _NotFound(BrokerError):
     """An exchange this connection had declared is gone (deleted behind its back)."""
+
+
+class _Getter:
+    """``basic.get`` pipelined on one channel: a batch of gets costs one round trip.
+
+    pika allows one ``basic.get`` at a time per channel (BlockingChannel waits for each
+    answer), so this writes the Basic.Get methods on the channel's asynchronous object
+    (``BlockingChannel._impl``) and takes the answers itself. RabbitMQ answers the gets of
+    one channel in the order asked, each with a message (Basic.GetOk) or Basic.GetEmpty, so
+    a batch holds the first ready messages of its queues, in queue order, as single gets would.
+    """
+
+    def __init__(self, link: _Link, channel: Any) -> None:
+        self.link = link
+        self._impl = channel._impl
+        self._answers: list[tuple[Any, Any, bytes] | None] = []
+        self._expected = 0
+        # pika calls ``self._on_getok`` for every Basic.GetOk: an instance attribute takes it.
+        self._impl._on_getok = self._on_getok
+        # BlockingChannel's own Basic.GetEmpty handler expects one get at a time: replaced too
+        # (so this channel's BlockingChannel.basic_get must not be used).
+        number, empty = self._impl.channel_number, pika.spec.Basic.GetEmpty
+        self._impl.callbacks.remove(number, empty, channel._basic_getempty_result.set_value_once)
+        self._impl.callbacks.add(number, empty, self._on_getempty, False)
+
+    def _on_getok(self, method_frame: Any, header_frame: Any, body: bytes) -> None:
+        self._answer((method_frame.method, header_frame.properties, bytes(body)))
+
+    def _on_getempty(self, _frame: Any) -> None:
+        self._answer(None)
+
+    def _answer(self, answer: tuple[Any, Any, bytes] | None) -> None:
+        self._answers.append(answer)
+        if len(self._answers) == self._expected:  # the whole batch is in: wait_for may return
+            self.link.wake_loop()
+
+    def get(self, queues: Sequence[str]) -> list[tuple[Any, Any, bytes] | None] | None:
+        """One answer per queue of ``queues`` (None: it was empty); None when the channel closed
+        meanwhile (what it got went back to the queues with it)."""
+        self._answers = []
+        self._expected = count = len(queues)
+        if not self._impl.is_open:
+            return None
+        # One write for the whole batch: pika would make a send() call per frame.
+        number = self._impl.channel_number
+        gets = b"".join(
+            pika.frame.Method(number, pika.spec.Basic.Get(queue=queue, no_ack=False)).marshal() for queue in queues
+        )
+        self._impl.connection._output_marshaled_frames([gets])
+        try:
+            self.link.wait_for(
+                lambda: len(self._answers) >= count or not self._impl.is_open, CONFIRM_TIMEOUT_S, "basic.get answers"
+            )
+        except BrokerError:
+            # Late answers must not be taken for the next batch's: close the channel, which
+            # also sends back what it got (the consumer reports the loss on its next call).
+            if self._impl.is_open:
+                self._impl.close()
+            raise
+        if not self._impl.is_open:
+            return None
+        answers, self._answers = self._answers, []
+        return answers
 
 
 class _Link:
@@ -758,6 +861,12 @@ class _Link:
 
     # -- helpers for code running on the thread ------------------------------------------------------
 
+    def wake_loop(self) -> None:
+        """Make ``process_data_events`` return: for callbacks that run inside pika's I/O loop,
+        which BlockingConnection does not leave for them (a no-op timer is an event it does)."""
+        if self.connection is not None:
+            self.connection.call_later(0, _noop)
+
     def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
         """Process connection events until ``condition()`` holds; BrokerError after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
@@ -836,6 +945,48 @@ class _Link:
             if exc.reply_code == 404:
                 return None
             raise
+
+    def counts(self, queues: Sequence[str]) -> list[int | None]:
+        """Ready messages of each of ``queues`` (None: it does not exist), in three round trips.
+
+        A passive declare of a missing queue closes its channel, so each queue is asked on a
+        channel of its own; all are opened, asked and closed at once on pika's asynchronous
+        objects (RabbitMQ has no call that counts several queues; its management API is not used).
+        """
+        impl = self.ensure_connection()._impl
+        answers: dict[int, int | None] = {}
+        refused: list[BaseException] = []
+        opened: list[Any] = []
+
+        def answer(index: int, count: int | None) -> None:
+            answers.setdefault(index, count)
+            self.wake_loop()
+
+        def on_close(index: int, _channel: Any, reason: BaseException) -> None:
+            if index not in answers and getattr(reason, "reply_code", None) != 404:
+                refused.append(reason)
+            answer(index, None)
+
+        def ask(index: int, queue: str, channel: Any) -> None:
+            _PROBES.add(channel)
+            opened.append(channel)
+            channel.add_on_close_callback(functools.partial(on_close, index))
+            channel.queue_declare(
+                queue, passive=True, callback=lambda frame: answer(index, int(frame.method.message_count))
+            )
+
+        for index, queue in enumerate(queues):
+            impl.channel(on_open_callback=functools.partial(ask, index, queue))
+        self.wait_for(lambda: len(answers) == len(queues), CONFIRM_TIMEOUT_S, "queue counts")
+        for channel in opened:
+            if channel.is_open:
+                channel.close()
+        # Waited for: BlockingConnection.close() fails on a channel it did not open that is
+        # still open or closing (it has no BlockingChannel to close), leaving the socket open.
+        self.wait_for(lambda: all(channel.is_closed for channel in opened), CONFIRM_TIMEOUT_S, "channel.close-ok")
+        if refused:
+            raise refused[0]
+        return [answers[index] for index in range(len(queues))]
 
     def declare(self, queue: str) -> None:
         """Declare exchange and queue ``queue`` as Celery does, once per connection."""
@@ -1054,13 +1205,11 @@ class AMQPBroker:
         link = self._link()
 
         def read() -> QueueStats:
-            ready = link.count(queue)
-            delayed = 0
-            if ready is not None:
-                delayed = sum(link.count(_level_queue(queue, level)) or 0 for level in range(DELAY_LEVELS))
-            dead = link.count(_dead_queue(queue)) or 0
+            ready, dead, *levels = link.counts([queue, _dead_queue(queue), *_level_queues(queue)])
             reserved = sum(c.held(queue) for c in link.consumers.values())
-            return QueueStats(queue, ready=ready or 0, delayed=delayed, reserved=reserved, dead=dead)
+            return QueueStats(
+                queue, ready=ready or 0, delayed=sum(n or 0 for n in levels), reserved=reserved, dead=dead or 0
+            )
 
         return link.call(read)
 
@@ -1068,15 +1217,12 @@ class AMQPBroker:
         link = self._link()
 
         def purge() -> int:
-            purged = 0
-            names = [queue] + [_level_queue(queue, level) for level in range(DELAY_LEVELS)]
-            for name in names:
-                if link.count(name) is None:
-                    if name == queue:
-                        return 0
-                    continue
-                purged += int(link.admin().queue_purge(name).method.message_count)
-            return purged
+            names = [queue, *_level_queues(queue)]
+            found = link.counts(names)
+            if found[0] is None:
+                return 0
+            existing = [name for name, count in zip(names, found, strict=True) if count is not None]
+            return sum(int(link.admin().queue_purge(name).method.message_count) for name in existing)
 
         return link.call(purge)
 
@@ -1227,6 +1373,8 @@ class AMQPConsumer:
         self._epoch = 0
         self._bell: str | None = None
         self._bell_bound = False
+        self._busy_since: float | None = None
+        self._getter: _Getter | None = None
         self._link = broker._link()
         self._link.call(self._io_open)
 
@@ -1258,6 +1406,12 @@ class AMQPConsumer:
         this broker object run after it. If the connection is lost first, the message is back
         in its queue anyway, which the next ``receive`` reports."""
         self._link.submit(lambda: self._io_settle(delivery, "ack"))
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Queue the acks of ``deliveries`` as one job of the connection thread (as ``ack`` does)."""
+        batch = list(deliveries)
+        if batch:
+            self._link.submit(lambda: self._io_ack_many(batch))
 
     def nack(self, delivery: Delivery, *, requeue: bool, reason: str = "", delay_s: float = 0.0) -> None:
         if requeue:
@@ -1326,6 +1480,7 @@ class AMQPConsumer:
         for queue in self.queues:
             link.declare(queue)
         self._channel = link.connection.channel()
+        self._getter = _Getter(link, self._channel)
         self._epoch += 1
         self._bell = None
         self._bell_bound = False
@@ -1379,51 +1534,83 @@ class AMQPConsumer:
         if held and not self._closed:
             log.warning("%d message(s) held by %r went back to their queues: %s", held, self, reason)
 
-    def _io_get(self, channel: Any, index: int) -> _Pending | None:
-        queue = self.queues[index]
-        try:
-            method, props, body = channel.basic_get(queue, auto_ack=False)
-        except pika.exceptions.ChannelClosedByBroker as exc:
+    def _io_fetch(self, channel: Any, indices: Sequence[int]) -> list[_Pending | None]:
+        """One ``basic.get`` per queue index of ``indices``, all in one round trip; an empty
+        list when the channel was lost meanwhile (``self._lost`` then says why)."""
+        assert self._getter is not None
+        answers = self._getter.get([self.queues[index] for index in indices])
+        if answers is None:
+            reason = getattr(channel, "_closing_reason", None)
+            if getattr(reason, "reply_code", None) == 404:  # deleted behind our back: declare again
+                for index in set(indices):
+                    self._link.declared.discard(self.queues[index])
             self._channel = None
-            if exc.reply_code == 404:  # deleted behind our back: declare it again next time
-                self._link.declared.discard(queue)
             with self._lock:
-                self._lost = _describe(exc)
-            return None
-        if method is None:
-            return None
-        return _Pending(index, queue, method.delivery_tag, bool(method.redelivered), props, bytes(body))
+                self._state = _State()  # all of it went back to the queues with the channel
+                self._lost = _describe(reason) if reason is not None else "channel closed"
+            return []
+        return [
+            None
+            if answer is None
+            else _Pending(index, self.queues[index], answer[0].delivery_tag, bool(answer[0].redelivered), *answer[1:])
+            for index, answer in zip(indices, answers, strict=True)
+        ]
 
     def _io_collect(self, max_messages: int) -> list[Delivery]:
         channel = self._io_check()
         out: list[Delivery] = []
+        if len(self.queues) == 1:
+            self._io_collect_one(channel, max_messages, out)
+        else:
+            self._io_collect_across(channel, max_messages, out)
+        if out:
+            # Unbinding the bell costs RabbitMQ two binding changes: done only once the consumer
+            # has been busy for a while, never for the message that has just rung it.
+            now = time.monotonic()
+            if self._busy_since is None:
+                self._busy_since = now
+            elif self._bell_bound and now - self._busy_since >= BELL_KEEP_S:
+                self._io_unbind_bell()
+        else:
+            self._busy_since = None
+        if not out and self._lost is not None:
+            self._io_check()  # raises
+        return out
+
+    def _io_collect_one(self, channel: Any, max_messages: int, out: list[Delivery]) -> None:
+        """One queue: the first ``max_messages`` ready messages, ``max_messages`` gets a round trip."""
+        while len(out) < max_messages and self._lost is None:
+            answers = self._io_fetch(channel, [0] * (max_messages - len(out)))
+            moved = False  # republished with its count raised (it is at the tail now), or buried
+            for pending in answers:
+                if pending is not None:
+                    delivery = self._io_admit(pending)
+                    if delivery is not None:
+                        out.append(delivery)
+                    moved = moved or delivery is None
+            if not answers or (answers[-1] is None and not moved):
+                return  # the queue is empty (or the channel lost): nothing more to wait for
+
+    def _io_collect_across(self, channel: Any, max_messages: int, out: list[Delivery]) -> None:
+        """Several queues: one candidate per queue, the most urgent first, queues in order on ties."""
         empty: set[int] = set()
         candidates = self._state.candidates
-        while len(out) < max_messages:
-            for index in range(len(self.queues)):
-                if index in candidates or index in empty:
-                    continue
-                pending = self._io_get(channel, index)
-                if self._lost is not None:
-                    break
+        while len(out) < max_messages and self._lost is None:
+            missing = [i for i in range(len(self.queues)) if i not in candidates and i not in empty]
+            for index, pending in zip(missing, self._io_fetch(channel, missing) if missing else [], strict=False):
                 if pending is None:
                     empty.add(index)
                 else:
                     with self._lock:
                         candidates[index] = pending
             if self._lost is not None or not candidates:
-                break
+                return
             best = min(candidates.values(), key=lambda p: (-p.priority, p.queue_index))
             with self._lock:
                 del candidates[best.queue_index]
             delivery = self._io_admit(best)
             if delivery is not None:
                 out.append(delivery)
-        if out and self._bell_bound:
-            self._io_unbind_bell()
-        if not out and self._lost is not None:
-            self._io_check()  # raises
-        return out
 
     def _io_admit(self, pending: _Pending) -> Delivery | None:
         """Lease ``pending``, or dead-letter it, or republish it with its count raised."""
@@ -1475,12 +1662,12 @@ class AMQPConsumer:
         link.publish([_DeadOutgoing(pending.queue, properties, envelope.body, dead_queue=dead)])
         self._io_basic_ack(pending.delivery_tag)
 
-    def _io_basic_ack(self, delivery_tag: int) -> None:
+    def _io_basic_ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
         channel = self._channel
         if channel is None or not channel.is_open:
             return  # the channel is gone, and with it the delivery: RabbitMQ has it back
         try:
-            channel.basic_ack(delivery_tag)
+            channel.basic_ack(delivery_tag, multiple=multiple)
         except pika.exceptions.AMQPChannelError as exc:
             self._channel = None
             with self._lock:
@@ -1502,6 +1689,25 @@ class AMQPConsumer:
             self._io_republish(lease.pending, delivery.envelope, delivery.deliveries, delay_s)
         else:
             self._io_bury(lease.pending, delivery.envelope, delivery.deliveries, reason)
+
+    def _io_ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        with self._lock:
+            tags = []
+            for delivery in deliveries:
+                lease = self._lease_of(delivery)
+                if lease is not None:
+                    del self._state.leases[lease.pending.delivery_tag]
+                    tags.append(lease.pending.delivery_tag)
+            highest = max(tags, default=0)
+            # basic.ack with multiple=True acks every unacked delivery of the channel up to its
+            # tag: one frame, but right only when no other delivery below it is still held.
+            held = [*self._state.leases, *(p.delivery_tag for p in self._state.candidates.values())]
+            multiple = len(tags) > 1 and all(tag > highest for tag in held)
+        if multiple:
+            self._io_basic_ack(highest, multiple=True)
+            return
+        for tag in sorted(tags):
+            self._io_basic_ack(tag)
 
     def io_expire_leases(self) -> None:
         now = time.monotonic()

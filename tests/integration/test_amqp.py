@@ -20,7 +20,7 @@ from typing import Any
 import pika
 import pytest
 
-from taskframe.broker import Broker, Envelope, OutgoingMessage
+from taskframe.broker import Broker, Envelope, OutgoingMessage, ack_all
 from taskframe.exceptions import BrokerConnectionError, ConfigurationError
 from taskframe.registry import create_broker
 from taskframe.settings import Settings
@@ -223,6 +223,41 @@ def test_quorum_queues_count_with_x_delivery_count(make_broker: Any, queue: str)
     assert counts == [1, 2]
     assert broker.consumer([queue], prefetch=1).receive(0.5) == []
     assert broker.stats(queue).dead == 1
+
+
+# -- batches: pipelined gets, ack_many -------------------------------------------------------
+
+
+def test_ack_many_removes_only_the_deliveries_it_is_given(make_broker: Any, queue: str) -> None:
+    # Given four deliveries held by one consumer
+    broker = make_broker()
+    broker.publish_many([OutgoingMessage(queue, task_message(str(i))) for i in range(4)])
+    consumer = broker.consumer([queue], prefetch=4)
+    held = consumer.receive(3.0, max_messages=4)
+    assert [d.envelope.task_id for d in held] == ["0", "1", "2", "3"]
+    # When the first and third are acked together (a gap below the highest: no multiple ack)
+    ack_all(consumer, [held[0], held[2]])
+    assert broker.stats(queue).reserved == 2
+    # Then closing the consumer gives back exactly the other two, counted as redelivered
+    consumer.close()
+    again = broker.consumer([queue], prefetch=4)
+    back = again.receive(3.0, max_messages=4)
+    assert [(d.envelope.task_id, d.deliveries) for d in back] == [("1", 2), ("3", 2)]
+    # And a batch without gaps (plus a stale delivery, a no-op) empties the queue
+    ack_all(again, [*back, held[0]])
+    assert again.receive(0.2, max_messages=4) == []
+    assert (broker.stats(queue).ready, broker.stats(queue).reserved) == (0, 0)
+
+
+def test_a_batch_is_the_first_ready_messages_in_order(make_broker: Any, queue: str) -> None:
+    # Gets are pipelined (one round trip a batch); the batch is still exactly the queue's head
+    broker = make_broker()
+    broker.publish_many([OutgoingMessage(queue, task_message(str(i))) for i in range(25)])
+    consumer = broker.consumer([queue], prefetch=10)
+    batches = [[d.envelope.task_id for d in consumer.receive(1.0, max_messages=n)] for n in (10, 1, 10, 10)]
+    assert batches == [[str(i) for i in range(10)], ["10"], [str(i) for i in range(11, 21)], ["21", "22", "23", "24"]]
+    assert broker.stats(queue).ready == 0
+    assert broker.stats(queue).reserved == 25
 
 
 # -- connection loss ------------------------------------------------------------------------
