@@ -24,10 +24,9 @@ import uuid
 
 import redis
 
+from benchmarks.common import REDIS_URL  # the benchmarks' own database; the tests keep to others
 from taskframe import App
 
-#: A database no test (11-13) nor the main benchmark (14) uses.
-REDIS_URL = "redis://127.0.0.1:6379/15"
 #: Tasks per ``send_many`` call.
 BATCH = 1000
 #: Seconds the worker gets to settle before "idle" is read, and between two RSS samples.

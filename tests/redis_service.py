@@ -7,7 +7,11 @@ work, so the tests keep to databases of their own and never flush one:
 
 - 11: the broker conformance suite (fresh queue names per test);
 - 12: the result backend conformance suite (fresh task ids and keys per test);
-- 13: ``tests/integration/test_redis.py`` (a queue of its own per test, deleted after it).
+- 13: ``tests/integration/test_redis.py`` (a queue of its own per test, deleted after it);
+- 10: ``tests/integration/test_celery_interop.py`` (Celery's keys, queues of its own per run);
+- 15: the kombu+redis broker entry (kombu's fixed key names, fresh queue names per test).
+
+The benchmarks keep to database 14, which they flush (``benchmarks/common.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from urllib.parse import urlsplit
 REDIS_URL = os.environ.get("TASKFRAME_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 #: Databases of the test suites (see the module docstring).
 BROKER_DB, BACKEND_DB, INTEGRATION_DB = 11, 12, 13
+INTEROP_DB, KOMBU_DB = 10, 15
 HOW_TO_START = "apt-get install redis-server && redis-server --daemonize yes (or set TASKFRAME_TEST_REDIS_URL)"
 
 

@@ -15,7 +15,7 @@ from tests import rabbitmq_service, redis_service
 from tests.conformance import sqs_server
 
 #: The Redis database of the kombu+redis entry (see BROKERS).
-KOMBU_REDIS_DB = 15
+KOMBU_REDIS_DB = redis_service.KOMBU_DB
 
 
 def _always_available() -> str | None:

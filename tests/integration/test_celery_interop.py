@@ -35,7 +35,7 @@ from tests.conftest import CI
 pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated setex:DeprecationWarning")
 
 #: The Redis database of this file's results and (for kombu+redis) queues.
-INTEROP_DB = 14
+INTEROP_DB = redis_service.INTEROP_DB
 RESULT_TIMEOUT_S = 20.0
 
 TASKS_SOURCE = '''
