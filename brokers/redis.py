@@ -8,8 +8,9 @@ Connection string
     redis://[[user]:password@]host[:port][/db][?socket_timeout=10&...]
     rediss://[[user]:password@]host[:port][/db][?ssl_cert_reqs=required&ssl_ca_certs=/path]
 
-Query parameters are redis-py's (``ConnectionPool.from_url``). ``broker_options`` may add
-``key_prefix`` (default ``"taskframe"``), ``socket_timeout`` (s, default 10),
+Query parameters are redis-py's (``ConnectionPool.from_url``), except ``cluster=true``.
+``broker_options`` may add ``cluster`` (default False: see Redis Cluster below; the query
+parameter does the same), ``key_prefix`` (default ``"taskframe"``), ``socket_timeout`` (s, default 10),
 ``socket_connect_timeout`` (s, default 5), ``publish_retry_s`` (default 10: how long
 ``publish`` retries a lost connection before raising), ``max_connections``,
 ``health_check_interval`` and ``client_name``. Needs Redis >= 6.2 (``LPOP`` with a count,
@@ -97,16 +98,39 @@ Why Lua and sorted sets rather than the alternatives:
   that came back first, then the fresh ones.
 
 A consumer of several queues runs one script over all of them (priority first, then queue
-order).
+order); on a cluster, when their keys share a slot (see Redis Cluster).
 
-Redis Cluster: the layout is ready for it (each script declares its keys, and a queue's keys
-share a slot; queues that one consumer reads together need a common hash tag, e.g.
-``{jobs}.high`` and ``{jobs}.low``), but this adapter connects with redis-py's standalone
-client, so it runs on one Redis server (or a primary behind a proxy) today.
+Redis Cluster
+=============
+With ``broker_options={"cluster": True}`` (or ``?cluster=true``) the URL names any node, and
+redis-py's ``RedisCluster`` keeps the slot map and a connection pool per node (per process:
+a forked child builds its own). Every command still goes out hand-packed, on a connection of
+the node that owns the queue's slot: a queue's keys share its hash tag, so each script and
+each publish touches one slot. Several queues in one call (``publish_many``, ``ack_many``,
+``renew``) are grouped per node, one pipelined round trip per node. A reply that says the
+command did not run there (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) re-reads the slot map and sends
+again (``CLUSTER_ATTEMPTS``); a lost connection also re-reads it before the next command,
+so a failover to a replica is followed.
+
+What holds as on one server: every guarantee above, for a consumer of one queue, or of queues
+whose keys share a slot (a common hash tag: ``{jobs}.high`` and ``{jobs}.low``), which is read
+by the same one script. What differs for a consumer of queues on several slots, since no
+script or ``BZPOPMIN`` can span slots:
+
+* A receive is a peek script per queue (promote what is due; count what is ready per
+  priority), then a receive script per queue that leases that queue's share of the most
+  urgent messages, in one round trip per node each. The deliveries come back most urgent
+  first, then in queue order, as on one server; but the two steps are not one atomic step:
+  a message another consumer takes in between is not replaced in this batch, and a more
+  urgent one published in between waits for the next receive.
+* An idle wait blocks on the first queue's wake-up set for at most ``CLUSTER_POLL_S``
+  (0.1 s), then looks at every queue again: a message for another queue waits up to that
+  long, and an idle consumer makes a peek round trip per node ten times a second.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import itertools
 import json
@@ -117,10 +141,13 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError
+from redis.crc import key_slot
+from redis.exceptions import AskError, ClusterDownError, NoScriptError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 
 from taskframe.broker import (
@@ -161,9 +188,16 @@ IDLE_CHECK_S = 1.0
 #: Due delayed messages and expired leases moved per queue and receive: bounds the time one
 #: script blocks Redis after a long outage; the rest moves on the next receives.
 PROMOTE_BATCH = 1000
+#: On a Redis Cluster, the longest a consumer of queues on several slots blocks on its first
+#: queue's wake-up set before it looks at all its queues again (BZPOPMIN cannot span slots).
+CLUSTER_POLL_S = 0.1
+#: Attempts of a command that a Redis Cluster redirected (MOVED, ASK, TRYAGAIN, CLUSTERDOWN: it
+#: did not run), re-reading the slot map in between.
+CLUSTER_ATTEMPTS = 3
 
 _OPTIONS = frozenset(
     {
+        "cluster",
         "key_prefix",
         "socket_timeout",
         "socket_connect_timeout",
@@ -185,6 +219,7 @@ _SUFFIXES = ("ready", "delayed", "inflight", "body", "count", "lease", "dead", "
 _SCRIPT_KEYS: dict[str, tuple[str, ...]] = {
     "publish": ("ready", "delayed", "body", "seq", "wake"),
     "receive": _SUFFIXES,
+    "peek": _SUFFIXES,
     "ack": ("ready", "inflight", "body", "count", "lease"),
     "nack": _SUFFIXES,
     "renew": ("ready", "inflight", "lease"),
@@ -228,6 +263,27 @@ local function bury(q, id, deliveries, reason, now)
   redis.call('RPUSH', key(q, DEAD), id)
 end
 local function holds_lease(id, token) return redis.call('HGET', key(1, LEASE), id) == token end
+-- Due delayed messages and expired leases become ready (at most batch of each).
+local function promote(q, now, batch)
+  for _, source in ipairs({DELAYED, INFLIGHT}) do
+    local due = redis.call('ZRANGEBYSCORE', key(q, source), '-inf', ms(now), 'LIMIT', 0, batch)
+    for _, id in ipairs(due) do
+      redis.call('ZREM', key(q, source), id)
+      make_ready(q, id)  -- an expired lease keeps its token: a late ack may still delete it
+    end
+  end
+end
+-- Milliseconds until queue q's next delay or lease falls due, or wait_ms if that is sooner (-1: never).
+local function next_due(q, now, wait_ms)
+  for _, source in ipairs({DELAYED, INFLIGHT}) do
+    local first = redis.call('ZRANGE', key(q, source), 0, 0, 'WITHSCORES')
+    if first[2] then
+      local due_in = math.max(0, math.ceil(tonumber(first[2]) - now))
+      if wait_ms < 0 or due_in < wait_ms then wait_ms = due_in end
+    end
+  end
+  return wait_ms
+end
 """
 
 # A delayed publish (one without delay is an RPUSH, see RedisBroker.publish).
@@ -245,23 +301,17 @@ return 1
 """
 
 # KEYS: the keys of each queue, in the consumer's order.
-# ARGV: max_messages, lease_ms, max_deliveries, token, promote_batch.
+# ARGV: max_messages, lease_ms, max_deliveries, token, promote_batch[, floor]: priorities below
+# floor (default 0) are left alone (a consumer of queues on several cluster slots, see _PEEK).
 # Returns {wait_ms, buried {q, id, deliveries, ...}, leased {q, id, deliveries, body, ...}};
 # wait_ms is how long until a delay or lease falls due when nothing was leased (-1: never).
 _RECEIVE = """
 local want, lease_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
 local max_deliveries, token, batch = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local floor = tonumber(ARGV[6] or '0')
 local nq = #KEYS / K
 local now = clock_ms()
-for q = 1, nq do
-  for _, source in ipairs({DELAYED, INFLIGHT}) do
-    local due = redis.call('ZRANGEBYSCORE', key(q, source), '-inf', ms(now), 'LIMIT', 0, batch)
-    for _, id in ipairs(due) do
-      redis.call('ZREM', key(q, source), id)
-      make_ready(q, id)  -- an expired lease keeps its token: a late ack may still delete it
-    end
-  end
-end
+for q = 1, nq do promote(q, now, batch) end
 local leased, buried, taken = {}, {}, 0
 local lease_until = ms(now + lease_ms)
 -- count: deliveries so far. Buries instead when that reached max_deliveries.
@@ -284,7 +334,7 @@ local requeued = {}
 for q = 1, nq do requeued[q] = redis.call('ZCARD', key(q, READY)) > 0 end
 -- Most urgent priority first, then queue order; within one queue and priority, the messages
 -- that came back (ready set) before the fresh ones (new lists), each FIFO.
-for p = 9, 0, -1 do
+for p = 9, floor, -1 do
   for q = 1, nq do
     while requeued[q] and taken < want do
       local low = (9 - p) * BAND
@@ -316,7 +366,7 @@ for p = 9, 0, -1 do
   if taken >= want then break end
 end
 local wait_ms = -1
-if taken >= want then
+if taken >= want or floor > 0 then
   for q = 1, nq do notify(q) end  -- more may be left: a publish wakes only one consumer
 else
   for q = 1, nq do
@@ -328,17 +378,29 @@ else
   end
 end
 if taken == 0 then
-  for q = 1, nq do
-    for _, source in ipairs({DELAYED, INFLIGHT}) do
-      local first = redis.call('ZRANGE', key(q, source), 0, 0, 'WITHSCORES')
-      if first[2] then
-        local due_in = math.max(0, math.ceil(tonumber(first[2]) - now))
-        if wait_ms < 0 or due_in < wait_ms then wait_ms = due_in end
-      end
-    end
-  end
+  for q = 1, nq do wait_ms = next_due(q, now, wait_ms) end
 end
 return {wait_ms, buried, leased}
+"""
+
+# The first half of a receive on a Redis Cluster by a consumer of queues on several slots, which
+# no one script can span: what is ready in each queue, so that the receives that follow take
+# the most urgent messages first across the queues.
+# KEYS: one queue's keys. ARGV: promote_batch. Promotes what is due, as a receive does.
+# Returns {wait_ms, ready9, ready8, ..., ready0}; wait_ms as a receive's when nothing is ready.
+_PEEK = """
+local now = clock_ms()
+promote(1, now, tonumber(ARGV[1]))
+local out, total = {-1}, 0
+for p = 9, 0, -1 do
+  local low = (9 - p) * BAND
+  local n = redis.call('ZCOUNT', key(1, READY), string.format('%.0f', low), '(' .. string.format('%.0f', low + BAND))
+  n = n + redis.call('LLEN', key(1, NEW0 + p))
+  out[#out + 1] = n
+  total = total + n
+end
+if total == 0 then out[1] = next_due(1, now, -1) end
+return out
 """
 
 # KEYS: one queue's keys. ARGV: id, token pairs. Returns how many were deleted.
@@ -474,6 +536,7 @@ return #ids
 _SCRIPTS = {
     "publish": _PUBLISH,
     "receive": _RECEIVE,
+    "peek": _PEEK,
     "ack": _ACK,
     "nack": _NACK,
     "renew": _RENEW,
@@ -546,7 +609,29 @@ class _RawConnection(Protocol):
     def disconnect(self) -> None: ...
 
 
-class _Connection:
+class _ScriptPacker:
+    """Packs EVALSHA calls; the part shared by the standalone and the cluster connection."""
+
+    shas: dict[str, str]
+    _heads: dict[tuple[str, tuple[bytes, ...]], bytes]
+
+    def _evalsha(self, call: tuple[str, Sequence[bytes], Sequence[Any]]) -> bytes:
+        name, keys, args = call
+        cache_key = (name, tuple(keys))
+        head = self._heads.get(cache_key)
+        if head is None:
+            # The script and its keys, packed once: a receive of one queue has 20 keys.
+            head = _resp("EVALSHA", self.shas[name], len(keys), *keys).split(b"\r\n", 1)[1]
+            if len(self._heads) < 10_000:  # bounded, as RedisBroker._keys
+                self._heads[cache_key] = head
+        out = [b"*%d\r\n" % (3 + len(keys) + len(args)), head]
+        for arg in args:
+            raw = arg if isinstance(arg, bytes) else str(arg).encode()
+            out += (b"$%d\r\n" % len(raw), raw, b"\r\n")
+        return b"".join(out)
+
+
+class _Connection(_ScriptPacker):
     """This process's connection pool, client and scripts (a forked child makes its own)."""
 
     def __init__(self, url: str, kwargs: dict[str, Any]) -> None:
@@ -566,8 +651,16 @@ class _Connection:
         """One EVALSHA; after NOSCRIPT (Redis restarted or flushed its scripts) load and repeat."""
         return self.run_many([(name, keys, args)])[0]
 
-    def send(self, packed: bytes, replies: int) -> list[Any]:
+    def ping(self) -> None:
+        self.client.ping()
+
+    def block(self, wake_keys: Sequence[bytes], timeout_s: float) -> None:
+        """BZPOPMIN of ``wake_keys``; Redis counts whole milliseconds, and 0 would mean forever."""
+        self.client.bzpopmin(wake_keys, timeout=round(max(timeout_s, 0.001), 3))
+
+    def send(self, packed: bytes, replies: int, route: bytes = b"") -> list[Any]:
         """Send packed commands in one write and read their ``replies``: one round trip.
+        (``route``, a key of the commands, matters only on a cluster.)
 
         It talks to a connection directly: ``Redis.execute_command`` adds retries and metrics
         that cost as much client time as the command, and the callers handle retries
@@ -609,21 +702,6 @@ class _Connection:
                 raise result
         return results
 
-    def _evalsha(self, call: tuple[str, Sequence[bytes], Sequence[Any]]) -> bytes:
-        name, keys, args = call
-        cache_key = (name, tuple(keys))
-        head = self._heads.get(cache_key)
-        if head is None:
-            # The script and its keys, packed once: a receive of one queue has 20 keys.
-            head = _resp("EVALSHA", self.shas[name], len(keys), *keys).split(b"\r\n", 1)[1]
-            if len(self._heads) < 10_000:  # bounded, as RedisBroker._keys
-                self._heads[cache_key] = head
-        out = [b"*%d\r\n" % (3 + len(keys) + len(args)), head]
-        for arg in args:
-            raw = arg if isinstance(arg, bytes) else str(arg).encode()
-            out += (b"$%d\r\n" % len(raw), raw, b"\r\n")
-        return b"".join(out)
-
     def close(self) -> None:
         with self._own_lock:
             self._own.disconnect()
@@ -659,9 +737,125 @@ def _exchange(conn: _RawConnection, packed: bytes, replies: int) -> list[Any]:
         raise
 
 
+#: A reply that says a Redis Cluster did not run the command there (the slot moved, is moving,
+#: or the cluster is failing over): re-read the slot map and send it again.
+_REDIRECTED = (AskError, TryAgainError, ClusterDownError)
+
+
+class _ClusterConnection(_ScriptPacker):
+    """This process's Redis Cluster client: redis-py's ``RedisCluster`` keeps the slot map and a
+    connection pool per node, and each command goes straight to the node of its queue's slot
+    (every key of one queue shares the slot of its hash tag). Same interface as _Connection."""
+
+    def __init__(self, url: str, kwargs: dict[str, Any]) -> None:
+        self.pid = os.getpid()
+        try:
+            self.client = RedisCluster.from_url(url, **kwargs)
+        except RedisClusterException as exc:  # not a RedisError: no node answered, or slots uncovered
+            if "Cluster mode is not enabled" in str(exc):  # a mistake to report, not an outage to wait out
+                msg = "this Redis is not a cluster node (cluster mode is not enabled); drop the cluster option"
+                raise redis.exceptions.ResponseError(msg) from exc
+            msg = f"Redis Cluster not reachable: {exc}"
+            raise redis.exceptions.ConnectionError(msg) from exc
+        self.shas = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in _SOURCES.items()}
+        self._heads: dict[tuple[str, tuple[bytes, ...]], bytes] = {}
+        self._stale = False  # re-read the slot map before the next command (after a failover)
+
+    def node(self, key: bytes) -> ClusterNode:
+        """The primary that holds ``key``'s slot."""
+        try:
+            if self._stale:
+                self._stale = False
+                self.client.nodes_manager.initialize()
+            return cast(ClusterNode, self.client.get_node_from_key(key))  # type: ignore[no-untyped-call]
+        except RedisClusterException as exc:
+            self._stale = True
+            msg = f"Redis Cluster slot map unavailable: {exc}"
+            raise redis.exceptions.ConnectionError(msg) from exc
+
+    def ping(self) -> None:
+        try:
+            self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+        except redis.exceptions.RedisError:
+            self._stale = True
+            raise
+        except RedisClusterException as exc:
+            self._stale = True
+            msg = f"Redis Cluster not reachable: {exc}"
+            raise redis.exceptions.ConnectionError(msg) from exc
+
+    def block(self, wake_keys: Sequence[bytes], timeout_s: float) -> None:
+        """BZPOPMIN of ``wake_keys``, which must share one slot, on its node."""
+        client = self.client.get_redis_connection(self.node(wake_keys[0]))
+        try:
+            client.bzpopmin(wake_keys, timeout=round(max(timeout_s, 0.001), 3))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            self._stale = True
+            raise
+        except _REDIRECTED:
+            self._stale = True  # the slot moved: the next receive looks at the queues again
+
+    def send(self, packed: bytes, replies: int, route: bytes = b"") -> list[Any]:
+        """As _Connection.send, on the node of ``route``'s slot (every command must be for a
+        key of that node). Sent again when every reply is a redirection, since then none ran."""
+        pause_s = RETRY_MIN_S
+        for attempt in range(1, CLUSTER_ATTEMPTS + 1):
+            pool = self.client.get_redis_connection(self.node(route)).connection_pool
+            conn = pool.get_connection(*_GET_CONNECTION_ARGS)
+            try:
+                results = _exchange(cast(_RawConnection, conn), packed, replies)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+                self._stale = True  # the node may have failed over: ask the cluster again next time
+                raise
+            finally:
+                pool.release(conn)
+            if not results or not all(isinstance(result, _REDIRECTED) for result in results):
+                return results
+            self._stale = True
+            if attempt < CLUSTER_ATTEMPTS:
+                time.sleep(pause_s)
+                pause_s *= 2
+        return results
+
+    def run(self, name: str, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        return self.run_many([(name, keys, args)])[0]
+
+    def run_many(self, calls: Sequence[tuple[str, Sequence[bytes], Sequence[Any]]]) -> list[Any]:
+        """As _Connection.run_many: one pipelined round trip per node, nodes one after another."""
+        by_node: dict[str, list[int]] = {}
+        for i, (_, keys, _) in enumerate(calls):
+            by_node.setdefault(self.node(keys[0]).name, []).append(i)
+        results: list[Any] = [None] * len(calls)
+        for indexes in by_node.values():
+            route = calls[indexes[0]][1][0]
+            replies = self.send(b"".join(self._evalsha(calls[i]) for i in indexes), len(indexes), route)
+            missing = [i for i, reply in zip(indexes, replies, strict=True) if isinstance(reply, NoScriptError)]
+            if missing:
+                node_client = self.client.get_redis_connection(self.node(route))
+                for name in {calls[i][0] for i in missing}:
+                    node_client.script_load(_SOURCES[name])
+                retried = self.send(b"".join(self._evalsha(calls[i]) for i in missing), len(missing), route)
+            for i, reply in zip(indexes, replies, strict=True):
+                results[i] = reply
+            if missing:
+                for i, reply in zip(missing, retried, strict=True):
+                    results[i] = reply
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    def close(self) -> None:
+        # RedisCluster.close() leaves the nodes' pools connected: disconnect them here.
+        for node in self.client.get_nodes():  # type: ignore[no-untyped-call]
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
+        self.client.close()
+
+
 #: Connections inherited through fork(): kept referenced and never closed by the child, whose
 #: sockets are the parent's too (closing them could end the parent's connections).
-_INHERITED: list[_Connection] = []
+_INHERITED: list[_Connection | _ClusterConnection] = []
 
 
 class RedisBroker:
@@ -678,6 +872,13 @@ class RedisBroker:
         if unknown:
             msg = f"unknown broker_options {unknown} for the redis broker {mask_url(url)!r}; known: {sorted(_OPTIONS)}"
             raise ConfigurationError(msg)
+        self._redis_url, in_url = _split_cluster_query(url)
+        cluster = options.pop("cluster", in_url)
+        if not isinstance(cluster, bool):
+            msg = f"broker_options cluster must be True or False, got {cluster!r}"
+            raise ConfigurationError(msg)
+        #: Talk to a Redis Cluster (``broker_options={"cluster": True}`` or ``?cluster=true``).
+        self.cluster = cluster
         self.key_prefix = str(options.pop("key_prefix", DEFAULT_KEY_PREFIX))
         if "{" in self.key_prefix or "}" in self.key_prefix:
             msg = f"broker_options key_prefix {self.key_prefix!r} must not contain braces: they mark the hash tag"
@@ -697,21 +898,25 @@ class RedisBroker:
         }
         self._block_s = min(MAX_BLOCK_S, self.socket_timeout_s / 2)
         self._keys: dict[tuple[str, str], list[bytes]] = {}
-        self._fresh: dict[str, tuple[list[bytes], bytes]] = {}
+        self._fresh: dict[str, tuple[list[bytes], bytes, bytes]] = {}
         self._lock = threading.Lock()
-        self._conn: _Connection | None = None
+        self._conn: _Connection | _ClusterConnection | None = None
         try:
-            redis.ConnectionPool.from_url(url)  # parse now: a bad URL fails at App(), not at first use
+            # Parse now: a bad URL fails at App(), not at first use.
+            parsed = redis.ConnectionPool.from_url(self._redis_url).connection_kwargs
         except ValueError as exc:
             msg = f"bad redis broker URL {mask_url(url)!r}: {exc}; expected redis://[:password@]host[:port][/db]"
             raise ConfigurationError(msg) from None
+        if self.cluster and parsed.get("db", 0) != 0:
+            msg = f"bad redis broker URL {mask_url(url)!r}: a Redis Cluster has only database 0; drop the /db part"
+            raise ConfigurationError(msg)
 
     def __repr__(self) -> str:
         return f"<RedisBroker {mask_url(self.url)}>"
 
     # -- connections and errors ----------------------------------------------------------
 
-    def _connection(self) -> _Connection:
+    def _connection(self) -> _Connection | _ClusterConnection:
         """This process's connection; a forked child builds its own, leaving the parent's alone."""
         conn = self._conn
         if conn is not None and conn.pid == os.getpid():
@@ -724,7 +929,10 @@ class RedisBroker:
             if conn is None or conn.pid != os.getpid():
                 if conn is not None:
                     _INHERITED.append(conn)
-                conn = self._conn = _Connection(self.url, self._pool_kwargs)
+                if self.cluster:
+                    conn = self._conn = _ClusterConnection(self._redis_url, self._pool_kwargs)
+                else:
+                    conn = self._conn = _Connection(self._redis_url, self._pool_kwargs)
         return conn
 
     def keys(self, queue: str, script: str = "receive") -> list[bytes]:
@@ -810,9 +1018,9 @@ class RedisBroker:
         else:
             # The common case, without a script: RPUSH "<id><body>" to the priority's list, then
             # the wake-up token (see _fresh_commands). The receive script does the rest.
-            lists, notify = self._fresh_commands(queue)
+            lists, notify, route = self._fresh_commands(queue)
             packed = _rpush(lists[priority], (message_id.encode() + envelope.to_bytes(),)) + notify
-            send = lambda: self._send(action, packed, 2)  # noqa: E731
+            send = lambda: self._send(action, packed, 2, route)  # noqa: E731
         try:
             send()
         except BrokerConnectionError as error:
@@ -836,18 +1044,27 @@ class RedisBroker:
             return
         # One write: an RPUSH per queue and priority (FIFO kept), then a token per queue (after
         # every RPUSH, so that no consumer wakes before all is there), and a script per delayed
-        # message.
-        chunks: list[bytes] = []
-        tokens: dict[str, bytes] = {}
+        # message. On a cluster, one write per queue (its keys share a slot, so a node).
+        chunks: dict[str, list[bytes]] = {}
+        tokens: dict[str, tuple[bytes, bytes]] = {}
         for (queue, priority), payloads in fresh.items():
-            lists, tokens[queue] = self._fresh_commands(queue)
-            chunks.extend(_rpush(lists[priority], payloads[i : i + CHUNK]) for i in range(0, len(payloads), CHUNK))
-        replies = len(chunks) + len(tokens)
-        packed = b"".join(chunks) + b"".join(tokens.values())
+            lists, notify, route = self._fresh_commands(queue)
+            tokens[queue] = (notify, route)
+            rpushes = (_rpush(lists[priority], payloads[i : i + CHUNK]) for i in range(0, len(payloads), CHUNK))
+            chunks.setdefault(queue, []).extend(rpushes)
+        if self.cluster:
+            writes = [
+                (b"".join(chunks[queue]) + notify, len(chunks[queue]) + 1, route)
+                for queue, (notify, route) in tokens.items()
+            ]
+        else:
+            every = [chunk for queue_chunks in chunks.values() for chunk in queue_chunks]
+            notifies = [notify for notify, _ in tokens.values()]
+            writes = [(b"".join(every) + b"".join(notifies), len(every) + len(notifies), b"")] if every else []
 
         def send() -> None:
-            if replies:
-                self._send("publish", packed, replies)
+            for packed, replies, route in writes:
+                self._send("publish", packed, replies, route)
             if delayed:
                 self._run_many("publish", delayed)
 
@@ -856,23 +1073,23 @@ class RedisBroker:
         except BrokerConnectionError as error:
             self._retry(error, send)
 
-    def _fresh_commands(self, queue: str) -> tuple[list[bytes], bytes]:
+    def _fresh_commands(self, queue: str) -> tuple[list[bytes], bytes, bytes]:
         """For a publish to ``queue`` without delay: the start of the ``RPUSH`` to each
-        priority's list, and the packed ``ZADD`` that leaves the wake-up token (a sorted set
-        of one member, so repeating it adds nothing)."""
+        priority's list, the packed ``ZADD`` that leaves the wake-up token (a sorted set
+        of one member, so repeating it adds nothing), and a key of the queue (its slot)."""
         found = self._fresh.get(queue)
         if found is None:
             keys = dict(zip(_SUFFIXES, self.keys(queue, "receive"), strict=True))
             lists = [b"$5\r\nRPUSH\r\n$%d\r\n%s\r\n" % (len(keys[new]), keys[new]) for new in _NEW]
             notify = _resp("ZADD", keys["wake"], 0, 1)
-            found = (lists, notify)
+            found = (lists, notify, keys["wake"])
             if len(self._fresh) < 10_000:  # bounded, as self._keys
                 self._fresh[queue] = found
         return found
 
-    def _send(self, action: str, packed: bytes, replies: int) -> list[Any]:
+    def _send(self, action: str, packed: bytes, replies: int, route: bytes) -> list[Any]:
         try:
-            results = self._connection().send(packed, replies)
+            results = self._connection().send(packed, replies, route)
         except redis.exceptions.RedisError as exc:
             raise self._error(exc, action) from exc
         for result in results:
@@ -886,7 +1103,7 @@ class RedisBroker:
         """A consumer of ``queues``; pings Redis, so a worker reconnecting backs off while it is down."""
         consumer = RedisConsumer(self, queues, prefetch=prefetch)
         try:
-            self._connection().client.ping()
+            self._connection().ping()
         except redis.exceptions.RedisError as exc:
             raise self._error(exc, "connect") from exc
         return consumer
@@ -920,6 +1137,9 @@ class RedisConsumer:
     ``max_messages``, so ``prefetch`` needs no enforcing here. Ack, nack and renew work on any
     delivery of the same broker, whichever consumer received it (the worker makes a new
     consumer after a lost connection and settles the old one's deliveries through it).
+
+    On a Redis Cluster, queues whose keys share one slot are read by one script, as on one
+    server; queues on several slots are read slot by slot (see _lease_across_slots).
     """
 
     def __init__(self, broker: RedisBroker, queues: Sequence[str], *, prefetch: int) -> None:
@@ -933,6 +1153,12 @@ class RedisConsumer:
         wake = _SCRIPT_KEYS["receive"].index("wake")
         self._wake_keys = [broker.keys(queue, "receive")[wake] for queue in self.queues]
         self._closed = False
+        # No script can span cluster slots: then a receive peeks at each queue, then leases
+        # from each, and an idle wait blocks on the first queue only, a slice at a time.
+        across_slots = broker.cluster and len({key_slot(key) for key in self._wake_keys}) > 1
+        self._take = self._lease_across_slots if across_slots else self._lease
+        self._block_keys = self._wake_keys[:1] if across_slots else self._wake_keys
+        self._block_max_s = min(CLUSTER_POLL_S, broker._block_s) if across_slots else broker._block_s
 
     def __repr__(self) -> str:
         return f"<RedisConsumer {self.id} of {self.queues} on {self.broker!r}>"
@@ -941,7 +1167,7 @@ class RedisConsumer:
         check_receive(self, closed=self._closed, max_messages=max_messages)
         deadline = time.monotonic() + max(timeout_s, 0.0)
         while True:
-            deliveries, wait_ms = self._lease(max_messages)
+            deliveries, wait_ms = self._take(max_messages)
             if deliveries:
                 return deliveries
             remaining_s = deadline - time.monotonic()
@@ -949,7 +1175,7 @@ class RedisConsumer:
                 return []
             if wait_ms >= 0:
                 remaining_s = min(remaining_s, wait_ms / 1000)
-            self._block(min(remaining_s, self.broker._block_s))
+            self._block(min(remaining_s, self._block_max_s))
 
     def _lease(self, limit: int) -> tuple[list[Delivery], int]:
         """One script: promote what is due, lease up to ``limit``; returns (deliveries, wait_ms)."""
@@ -960,8 +1186,52 @@ class RedisConsumer:
             wait_ms, buried, leased = broker._connection().run("receive", self._keys, args)
         except redis.exceptions.RedisError as exc:
             raise broker._error(exc, "receive") from exc
+        return self._deliveries(self.queues, token, buried, leased), int(wait_ms)
+
+    def _lease_across_slots(self, limit: int) -> tuple[list[Delivery], int]:
+        """``_lease`` for queues on several cluster slots: a peek script per queue says what is
+        ready at each priority (after promoting what is due), then a receive script per queue
+        leases its share of the ``limit`` most urgent (priority first, then queue order), and
+        the deliveries come back in that order. Each script is atomic; the pair is not, so a
+        message another consumer takes in between is simply not in this batch."""
+        broker = self.broker
+        keys = [broker.keys(queue, "receive") for queue in self.queues]
+        try:
+            conn = broker._connection()
+            peeks = conn.run_many([("peek", queue_keys, (PROMOTE_BATCH,)) for queue_keys in keys])
+            wants, floors, left = [0] * len(keys), [0] * len(keys), limit
+            for priority in range(9, -1, -1):
+                for q, peek in enumerate(peeks):
+                    n = min(int(peek[10 - priority]), left)
+                    if n:
+                        wants[q], floors[q], left = wants[q] + n, priority, left - n
+                if not left:
+                    break
+            if not any(wants):
+                waits = [int(peek[0]) for peek in peeks if int(peek[0]) >= 0]
+                return [], min(waits, default=-1)
+            token = f"{self.id}.{next(self._receipts)}"
+            lease_ms = round(broker.visibility_timeout_s * 1000)
+            chosen = [q for q, want in enumerate(wants) if want]
+            calls = [
+                ("receive", keys[q], (wants[q], lease_ms, broker.max_deliveries, token, PROMOTE_BATCH, floors[q]))
+                for q in chosen
+            ]
+            results = conn.run_many(calls)
+        except redis.exceptions.RedisError as exc:
+            raise broker._error(exc, "receive") from exc
+        deliveries: list[Delivery] = []
+        for q, (_, buried, leased) in zip(chosen, results, strict=True):
+            deliveries += self._deliveries(self.queues[q : q + 1], token, buried, leased)
+        # Stable: queue order, then FIFO, within a priority. The id starts with the priority.
+        deliveries.sort(key=lambda delivery: -int(delivery.tag[1][0]))
+        return deliveries, 0  # 0: another consumer was faster; look again at once
+
+    def _deliveries(self, queues: list[str], token: str, buried: list[Any], leased: list[Any]) -> list[Delivery]:
+        """The deliveries of a receive script's reply on ``queues`` (what it returned as 1, 2, ...)."""
+        broker = self.broker
         for i in range(0, len(buried), 3):
-            queue, message_id, count = self.queues[int(buried[i]) - 1], buried[i + 1].decode(), int(buried[i + 2])
+            queue, message_id, count = queues[int(buried[i]) - 1], buried[i + 1].decode(), int(buried[i + 2])
             log.warning(
                 "message %s of queue %r dead-lettered: delivered %d times without an ack (max_deliveries=%d)",
                 message_id,
@@ -971,7 +1241,7 @@ class RedisConsumer:
             )
         deliveries = []
         for i in range(0, len(leased), 4):
-            queue = self.queues[int(leased[i]) - 1]
+            queue = queues[int(leased[i]) - 1]
             message_id, count, body = leased[i + 1].decode(), int(leased[i + 2]), leased[i + 3]
             tag = (queue, message_id, token)
             try:
@@ -982,15 +1252,12 @@ class RedisConsumer:
                 log.warning("message %s of queue %r dead-lettered: %s", message_id, queue, exc)
                 continue
             deliveries.append(Delivery(envelope, queue, count, tag))
-        return deliveries, int(wait_ms)
+        return deliveries
 
     def _block(self, timeout_s: float) -> None:
-        """Wait on the queues' wake-up tokens for a publish, a requeue or a new delay.
-
-        BZPOPMIN's timeout 0 means forever, and Redis counts whole milliseconds: never below 1 ms.
-        """
+        """Wait on the queues' wake-up tokens for a publish, a requeue or a new delay."""
         try:
-            self.broker._connection().client.bzpopmin(self._wake_keys, timeout=round(max(timeout_s, 0.001), 3))
+            self.broker._connection().block(self._block_keys, timeout_s)
         except redis.exceptions.RedisError as exc:
             raise self.broker._error(exc, "wait for messages") from exc
 
@@ -1048,6 +1315,20 @@ def _seconds(options: dict[str, Any], name: str, default: float) -> float:
         msg = f"broker_options {name} must be a number of seconds (above 0 for socket timeouts), got {value!r}"
         raise ConfigurationError(msg)
     return float(value)
+
+
+def _split_cluster_query(url: str) -> tuple[str, bool]:
+    """``url`` without its ``cluster`` query parameter (redis-py does not know it), and its value."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    values = [value for name, value in query if name == "cluster"]
+    if not values:
+        return url, False
+    if values[-1].lower() not in ("true", "false", "yes", "no", "1", "0"):
+        msg = f"bad redis broker URL {mask_url(url)!r}: cluster={values[-1]!r}; use cluster=true or cluster=false"
+        raise ConfigurationError(msg)
+    rest = urlencode([(name, value) for name, value in query if name != "cluster"])
+    return urlunsplit(parts._replace(query=rest)), values[-1].lower() in ("true", "yes", "1")
 
 
 def _delay_ms(delay_s: float) -> int:
