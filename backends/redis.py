@@ -21,6 +21,17 @@ Layout (Celery's for records, so Celery tools can read them)::
     celery-taskset-meta-<id>     STRING  the document "group-meta-<id>" (a saved group), as JSON
     taskframe-counter-<key>      STRING  a counter of incr()
 
+Chords are joined as Celery's Redis backend joins them (``on_chord_part_return``), in its keys,
+so a chord sent by either framework completes with header tasks run by either kind of worker::
+
+    celery-taskset-meta-<gid>.s  STRING  the header's size (chord_start; Celery's set_chord_size)
+    celery-taskset-meta-<gid>.j  ZSET    [1, task id, state, result] per header task, scored by
+                                         its group_index (Celery's result_chord_ordered default)
+    celery-taskset-meta-<gid>.d  SET     "<task id>:<group_index>" of the tasks counted
+    celery-taskset-meta-<gid>.t  STRING  Celery's size adjustment (read, never written here)
+    celery-taskset-meta-<gid>.c  STRING  the claim of the one worker sending the body, for
+                                         ``CHORD_CLAIM_S``; "done" once the body was sent
+
 Features: task records, documents and counters, each with an optional TTL that Redis
 enforces by itself (``PX``). ``wait()`` blocks on pub/sub (``supports_wait = True``).
 
@@ -33,6 +44,13 @@ Guarantees:
   retried after a lost connection, since a lost reply would count twice; the other operations
   are idempotent and retry for ``retry_s`` before raising :class:`BackendError`.
 - ``scan()`` walks the keys with ``SCAN MATCH`` (never ``KEYS``, which blocks Redis).
+- ``chord_part_return()`` is one Lua script with Celery's operations: a header task counts once
+  however often it runs (``.d``), and the report that completes the header takes the claim
+  (``.c``, ``SET NX``) and gets every result, in header order, in the same step. The body is
+  sent once: a later report finds the claim taken, or "done" (``chord_done``). A worker that
+  dies holding the claim loses it after ``CHORD_CLAIM_S``, and a redelivered header task sends
+  the body then; one that dies after sending the body but before ``chord_done`` could let a
+  redelivery more than ``CHORD_CLAIM_S`` later send it again (Celery has the same window).
 
 ``wait()``: each process has one pub/sub connection per backend object, read by one
 background thread that hands each message to the threads waiting for that task. A waiter
@@ -55,6 +73,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, Protocol, TypeVar, cast
@@ -62,7 +81,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, cast
 import redis
 from redis.retry import Retry
 
-from taskframe.backend import READY_STATES, ResultRecord, dump_json
+from taskframe.backend import READY_STATES, ChordJoin, ChordPart, ResultRecord, dump_json
 from taskframe.exceptions import BackendError, ConfigurationError
 from taskframe.settings import Settings, mask_url
 
@@ -75,6 +94,11 @@ DOC_KEY_PREFIX, COUNTER_KEY_PREFIX = "taskframe-doc-", "taskframe-counter-"
 #: A saved group's document ("group-meta-<id>") lives under Celery's key, where Celery's
 #: GroupResult.restore looks (GroupResult.save writes Celery's layout into it).
 GROUP_DOC_PREFIX, CELERY_GROUP_KEY_PREFIX = "group-meta-", "celery-taskset-meta-"
+#: Seconds the worker that completes a chord's header holds the right to send its body: after
+#: that, if the body was not sent, a redelivered header task may take it. Celery's default.
+CHORD_CLAIM_S = 10
+#: Seconds the "done" mark of a chord outlives it (Celery's): a late header task then does nothing.
+CHORD_DONE_S = 300
 #: Seconds a socket read or write may take before the connection counts as lost.
 DEFAULT_SOCKET_TIMEOUT_S = 10.0
 #: Seconds to establish a connection before it counts as refused.
@@ -131,6 +155,64 @@ else
 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
+"""
+
+# Celery's CHORD_PART_RETURN_LUA (celery/backends/redis.py, ordered mode), returning the joined
+# results with the claim, and counting a claim this caller already holds as taken (a retry
+# after a lost reply). KEYS: .j .t .s .d <group key> .c. ARGV: task id, [1, id, state, result]
+# as JSON, group_index score, expires (s, 0: none), claim seconds, claim token, the size the
+# message gives (0: none; used only when .s is missing, for a chord sent without chord_start).
+# Returns {-1} when the chord is done, {0} while incomplete or claimed by another, {1, parts}.
+_CHORD_PART_RETURN = """
+local jkey, tkey, skey, dkey, gkey, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local tid, value, score = ARGV[1], ARGV[2], ARGV[3]
+local expires, claim_expires, claim_token = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+if redis.call('GET', ckey) == 'done' then
+  return {-1}
+end
+local member = tid .. ':' .. score
+if redis.call('SISMEMBER', dkey, member) == 0 then
+  redis.call('ZADD', jkey, score, value)
+  redis.call('SADD', dkey, member)
+end
+local readycount = redis.call('ZCOUNT', jkey, '-inf', '+inf')
+if expires > 0 then
+  for _, key in ipairs({jkey, tkey, skey, dkey}) do
+    redis.call('EXPIRE', key, expires)
+  end
+  redis.call('EXPIRE', gkey, expires)
+end
+local totaldiff = redis.call('GET', tkey)
+local size = redis.call('GET', skey)
+if not size and tonumber(ARGV[7]) > 0 then
+  size = ARGV[7]
+end
+if size and readycount == tonumber(size) + tonumber(totaldiff or 0) then
+  local holder = redis.call('GET', ckey)
+  if holder == claim_token or (not holder and redis.call('SET', ckey, claim_token, 'NX', 'EX', claim_expires)) then
+    return {1, redis.call('ZRANGE', jkey, 0, -1)}
+  end
+end
+return {0}
+"""
+
+# Celery's CHORD_CLEANUP_LUA: drop the chord's keys and mark it done, if the claim is ours.
+# KEYS: .c .j .t .s .d. ARGV: claim token, seconds the "done" mark lasts.
+_CHORD_CLEANUP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('SET', KEYS[1], 'done', 'EX', tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"""
+
+# Give up the claim (KEYS[1], .c) if it is still ours (ARGV[1]): the body could not be sent.
+_CHORD_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """
 
 _T = TypeVar("_T")
@@ -323,6 +405,9 @@ class _ProcessState:
         self.pool = redis.ConnectionPool.from_url(url, **pool_kwargs)
         self.client = redis.Redis(connection_pool=self.pool)
         self.store_script = self.client.register_script(_STORE)
+        self.chord_part_script = self.client.register_script(_CHORD_PART_RETURN)
+        self.chord_cleanup_script = self.client.register_script(_CHORD_CLEANUP)
+        self.chord_release_script = self.client.register_script(_CHORD_RELEASE)
         self.listener = _Listener(self._pubsub_connection, where)
 
     def _pubsub_connection(self) -> _PubSubConnection:
@@ -477,6 +562,49 @@ class RedisBackend:
         keys = (self.doc_key(key), self.counter_key(key))
         self._retrying("delete the key", lambda: self._client().delete(*keys))
 
+    # -- chords (Celery's join protocol; see the module docstring) -----------------------------
+
+    def chord_start(self, group_id: str, size: int, *, ttl_s: float | None) -> None:
+        """Celery's ``set_chord_size``: a chord sent again under the same id starts afresh."""
+        claim_key, size_key, ttl_ms = self.chord_key(group_id, ".c"), self.chord_key(group_id, ".s"), _ttl_ms(ttl_s)
+
+        def run() -> None:
+            pipe = self._client().pipeline(transaction=True)
+            pipe.delete(claim_key)
+            pipe.set(size_key, size, px=ttl_ms or None)
+            pipe.execute()
+
+        self._retrying("start the chord", run)
+
+    def chord_part_return(self, part: ChordPart, *, ttl_s: float | None) -> ChordJoin | None:
+        gid = part.group_id
+        keys = [*(self.chord_key(gid, suffix) for suffix in (".j", ".t", ".s", ".d", "")), self.chord_key(gid, ".c")]
+        value = dump_json([1, part.task_id, part.state, part.result], f"chord result of task {part.task_id!r}")
+        score = "+inf" if part.group_index is None else str(part.group_index)
+        expires_s = 0 if ttl_s is None else max(1, int(ttl_s + 0.999))
+        token = uuid.uuid4().hex
+        args: list[str | int] = [part.task_id, value, score, expires_s, CHORD_CLAIM_S, token, part.size or 0]
+        # Safe to retry: the task counts once (.d), and a claim already ours counts as taken.
+        reply = self._retrying(
+            "count the chord's header task", lambda: self._state_now().chord_part_script(keys=keys, args=args)
+        )
+        if int(reply[0]) != 1:
+            return None
+        parts = []
+        for raw in reply[1]:
+            _, task_id, state, result = _loads(raw, f"a header result of chord {gid!r}")
+            parts.append((str(task_id), str(state), result))
+        return ChordJoin(gid, parts, token)
+
+    def chord_done(self, join: ChordJoin) -> None:
+        keys = [self.chord_key(join.group_id, suffix) for suffix in (".c", ".j", ".t", ".s", ".d")]
+        args: list[str | int] = [join.token, CHORD_DONE_S]
+        self._retrying("close the chord", lambda: self._state_now().chord_cleanup_script(keys=keys, args=args))
+
+    def chord_release(self, join: ChordJoin) -> None:
+        keys, args = [self.chord_key(join.group_id, ".c")], [join.token]
+        self._retrying("release the chord", lambda: self._state_now().chord_release_script(keys=keys, args=args))
+
     # -- keys ---------------------------------------------------------------------------------
 
     def task_key(self, task_id: str) -> str:
@@ -486,6 +614,10 @@ class RedisBackend:
         if key.startswith(GROUP_DOC_PREFIX):
             return f"{self.key_prefix}{CELERY_GROUP_KEY_PREFIX}{key.removeprefix(GROUP_DOC_PREFIX)}"
         return f"{self.key_prefix}{DOC_KEY_PREFIX}{key}"
+
+    def chord_key(self, group_id: str, suffix: str) -> str:
+        """Celery's ``get_key_for_group(group_id, suffix)``."""
+        return f"{self.key_prefix}{CELERY_GROUP_KEY_PREFIX}{group_id}{suffix}"
 
     def counter_key(self, key: str) -> str:
         return f"{self.key_prefix}{COUNTER_KEY_PREFIX}{key}"

@@ -11,11 +11,18 @@ plus ``name, args, kwargs, worker, retries, queue`` when ``result_extended`` is 
 Beside the records, a backend keeps small JSON documents by key (group metadata, durable
 revocations, worker heartbeats) and atomic counters (chords). Every adapter passes
 ``tests/conformance/test_backend.py``.
+
+Chords: the worker reports each finished header task to :func:`chord_joiner` of the backend.
+A backend may join chords its own way by implementing :class:`JoinsChords` (the Redis backend
+does, with Celery's keys, so Celery workers and taskframe workers join the same chords);
+any other gets :class:`CounterChords`, built on ``incr``, ``get`` and ``fetch``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from .exceptions import BackendError
@@ -79,6 +86,116 @@ class ResultBackend(Protocol):
     def delete(self, key: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ChordPart:
+    """One finished task of a chord's header, as the worker that ran it reports it."""
+
+    group_id: str
+    #: The task's place in the header (the ``group_index`` header); None if the sender gave none.
+    group_index: int | None
+    task_id: str
+    state: str
+    #: The task's return value, or its exception encoded as in a record.
+    result: Any
+    #: The header's size when the message carries it (taskframe's chords); Celery's chords
+    #: leave it to the backend (Celery's ``set_chord_size``).
+    size: int | None
+
+
+@dataclass(frozen=True)
+class ChordJoin:
+    """A complete header, and the right of the one caller that got it to send the body."""
+
+    group_id: str
+    #: ``(task id, state, result)`` of every header task, in header order.
+    parts: list[tuple[str, str, Any]]
+    #: Names this caller's claim, for :meth:`JoinsChords.chord_done` and ``chord_release``.
+    token: str = ""
+
+
+@runtime_checkable
+class JoinsChords(Protocol):
+    """Optional: a backend that keeps a chord's header results and decides when it is complete."""
+
+    def chord_start(self, group_id: str, size: int, *, ttl_s: float | None) -> None:
+        """A chord of ``size`` header tasks is about to be sent under ``group_id``."""
+        ...
+
+    def chord_part_return(self, part: ChordPart, *, ttl_s: float | None) -> ChordJoin | None:
+        """Record one finished header task (a second report of the same task counts once).
+        Return the joined header to the one caller that completes it, None to every other."""
+        ...
+
+    def chord_done(self, join: ChordJoin) -> None:
+        """The body was sent (or failed): no later report of a header task sends it again."""
+        ...
+
+    def chord_release(self, join: ChordJoin) -> None:
+        """The body could not be sent: give up the claim, so that a redelivered header task can."""
+        ...
+
+
+class CounterChords:
+    """Chords on any backend: a counter of finished header tasks, and the member ids from the
+    header's saved group (``group-meta-<id>``), which the sender saves before sending it.
+
+    A redelivered header task counts twice, so the count alone cannot decide: the header is
+    complete once every member's record is ready, and a second counter lets one caller through.
+    """
+
+    def __init__(self, backend: ResultBackend) -> None:
+        self.backend = backend
+
+    def chord_start(self, group_id: str, size: int, *, ttl_s: float | None) -> None:
+        """Nothing to prepare: the size travels in every header message."""
+
+    def chord_part_return(self, part: ChordPart, *, ttl_s: float | None) -> ChordJoin | None:
+        backend, group_id = self.backend, part.group_id
+        if part.size is None:
+            msg = (
+                f"chord {group_id}: its header messages do not say the chord's size (a chord sent by Celery);"
+                f" {type(backend).__name__} cannot join it: use the Redis result backend, or run its header on"
+                " Celery workers"
+            )
+            raise ChordUnsupported(msg)
+        if backend.incr(f"chord-counter-{group_id}", ttl_s=ttl_s) < part.size:
+            return None
+        meta = backend.get(f"group-meta-{group_id}")
+        if meta is None:
+            _log.error("chord %s: its group metadata is gone (expired?); the body cannot run", group_id)
+            return None
+        member_ids = [str(member) for member in meta["results"]]
+        records = [backend.fetch(member) for member in member_ids]
+        parts: list[tuple[str, str, Any]] = []
+        for member, record in zip(member_ids, records, strict=True):
+            if record is None or record.get("status") not in READY_STATES:
+                return None
+            parts.append((member, str(record["status"]), record.get("result")))
+        if backend.incr(f"chord-fired-{group_id}", ttl_s=ttl_s) != 1:
+            return None
+        return ChordJoin(group_id, parts)
+
+    def chord_done(self, join: ChordJoin) -> None:
+        """Nothing to clean: the counters expire with the results."""
+
+    def chord_release(self, join: ChordJoin) -> None:
+        # The redelivered header task counts past the size, finds every record ready, and is
+        # the first through the reset gate.
+        self.backend.delete(f"chord-fired-{join.group_id}")
+
+
+class ChordUnsupported(Exception):
+    """The backend cannot join this chord; the message says why and what to do."""
+
+
+def chord_joiner(backend: ResultBackend) -> JoinsChords:
+    """The backend's own way of joining chords, or the counter-based default."""
+    return backend if isinstance(backend, JoinsChords) else CounterChords(backend)
+
+
+_log = logging.getLogger("taskframe.worker")
 
 
 def dump_json(value: Any, what: str) -> str:

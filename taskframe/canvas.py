@@ -1,8 +1,10 @@
 """Signatures and the canvas: chain, group, chord.
 
 Everything travels in the message protocol's ``embed`` (Celery protocol v2): a chain is the
-list of signatures still to run, last first; a chord is a group whose tasks carry the body
-and count their completions with an atomic counter in the result backend. No task polls.
+list of signatures still to run, last first; a chord is a group whose tasks carry the body's
+signature in ``embed.chord`` (with ``chord_size``), their group in the ``group`` and
+``group_index`` headers, as Celery sends them, and report their results to the result backend,
+which tells the one that completes the header to send the body. No task polls.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .backend import chord_joiner
 from .result import AsyncResult, GroupResult
 
 if TYPE_CHECKING:
@@ -387,10 +390,15 @@ class chord(Signature):
         if membership:
             body = _with_membership(body, membership)
         group_id = str(self.header.options.get("task_id") or uuid.uuid4())
+        if type(body) is Signature:
+            body.options.setdefault("group_id", group_id)  # as Celery freezes a chord's body
         if not self.header.tasks:
             body.apply_async(([],))
             return AsyncResult(body_id, self.app, task_name=body.task)
-        spec = {"body": body.to_dict(), "group_id": group_id, "chord_size": len(self.header.tasks)}
+        # Celery's form: the body's signature, with the header's size on it.
+        spec = {**body.to_dict(), "chord_size": len(self.header.tasks)}
+        app = self.app
+        chord_joiner(app.backend).chord_start(group_id, len(self.header.tasks), ttl_s=app.conf.result_expires)
         header_result = self.header._send(group_id, args, kwargs, options, chord=spec)
         return AsyncResult(body_id, self.app, parent=header_result.as_parent(), task_name=body.task)
 
@@ -514,6 +522,7 @@ def resend_options(request: Request) -> dict[str, Any]:
         "root_id": request.root_id,
         "parent_id": request.parent_id,
         "group_id": request.group,
+        "group_index": (request.headers or {}).get("group_index"),
         "queue": request.delivery_info.get("queue"),
         "link": embed.get("callbacks"),
         "link_error": embed.get("errbacks"),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import states
+from .backend import ChordPart, ChordUnsupported, chord_joiner
 from .broker import Envelope
 from .canvas import Signature
 from .enqueue import resolve_enqueued
@@ -337,7 +338,7 @@ class Executor:
         for errback in message.embed.errbacks or []:
             self._send_follow_up(Signature.from_dict(errback, self.app), message, (message.id,))
         if message.embed.chord:
-            self._count_chord_member(message)
+            self._count_chord_member(message, states.FAILURE, encode_exception(exc))
         return Outcome("ack", message.id, message.task, states.FAILURE, f"{type(exc).__name__}: {exc}")
 
     def _store_failure(self, task_id: str, exc: BaseException, traceback: str | None) -> None:
@@ -359,7 +360,7 @@ class Executor:
                 self._send_follow_up(Signature.from_dict(next_step, self.app), message, (value,), **options)
         if message.embed.chord:
             with self._follow_up_guard(message, "its chord's bookkeeping"):
-                self._count_chord_member(message)
+                self._count_chord_member(message, states.SUCCESS, value)
 
     @contextlib.contextmanager
     def _follow_up_guard(self, message: Message, what: str) -> Iterator[None]:
@@ -384,56 +385,62 @@ class Executor:
     def _send_follow_up(self, sig: Signature, parent: Message, args: tuple[Any, ...], **options: Any) -> None:
         sig.apply_async(args, parent_id=parent.id, root_id=parent.headers.root_id or parent.id, **options)
 
-    def _count_chord_member(self, message: Message) -> None:
-        """Count one finished header task; the one that completes the count sends the body.
+    def _count_chord_member(self, message: Message, state: str, result: Any) -> None:
+        """Report one finished header task to the backend; the report that completes the header
+        sends the body the header's results, in order (or fails it with ChordError).
 
-        A redelivered header task counts twice, so the count alone cannot decide: the body is
-        sent once every member is ready, and a second counter lets only one sender through.
+        ``embed.chord`` is the body's signature, as Celery writes it (with ``chord_size`` when
+        taskframe sent the chord), and the ``group`` and ``group_index`` headers place the task
+        in its header. Messages of earlier taskframe versions carry ``{group_id, chord_size, body}``.
         """
         spec = message.embed.chord or {}
-        if "group_id" not in spec or "chord_size" not in spec:
-            self._refuse_foreign_chord(message, spec)
+        if "task" not in spec and isinstance(spec.get("body"), dict):
+            group_id, size, body_spec = spec.get("group_id"), spec.get("chord_size"), spec["body"]
+        else:
+            group_id, size, body_spec = message.headers.group, spec.get("chord_size"), spec
+        if not group_id:
+            log.error("chord header task %s[%s] names no group: its chord cannot be joined", message.task, message.id)
             return
-        group_id, size = str(spec["group_id"]), int(spec["chord_size"])
-        ttl_s = self.app.conf.result_expires
-        backend = self.app.backend
-        if backend.incr(f"chord-counter-{group_id}", ttl_s=ttl_s) < size:
-            return
-        meta = backend.get(f"group-meta-{group_id}")
-        if meta is None:
-            log.error("chord %s: its group metadata is gone (expired?); the body cannot run", group_id)
-            return
-        records = [backend.fetch(str(member)) for member in meta["results"]]
-        if not all(r is not None and r.get("status") in states.READY_STATES for r in records):
-            return
-        if backend.incr(f"chord-fired-{group_id}", ttl_s=ttl_s) != 1:
-            return
-        body = Signature.from_dict(spec["body"], self.app)
-        failed = [
-            (m, r)
-            for m, r in zip(meta["results"], records, strict=True)
-            if r is not None and r.get("status") != states.SUCCESS
-        ]
-        if failed:
-            self._fail_chord(body, message, failed[0][0], failed[0][1])
-            return
-        values = [r.get("result") if r else None for r in records]
-        self._send_follow_up(body, message, (values,))
-
-    def _refuse_foreign_chord(self, message: Message, spec: dict[str, Any]) -> None:
-        """A chord sent by Celery (its ``embed.chord`` is the body's signature): Celery counts
-        its header in keys of its own, so the body cannot run here; fail it, once, clearly."""
-        reason = (
-            f"chord header task {message.id} ran on a taskframe worker, but its chord was sent by Celery,"
-            " which counts a chord in its own keys: run a Celery chord's header on Celery workers"
+        part = ChordPart(
+            str(group_id),
+            message.headers.group_index,
+            message.id,
+            state,
+            result,
+            size if type(size) is int else None,  # Celery's chords leave it out (None)
         )
+        joiner = chord_joiner(self.app.backend)
+        try:
+            join = joiner.chord_part_return(part, ttl_s=self.app.conf.result_expires)
+        except ChordUnsupported as exc:
+            self._refuse_foreign_chord(message, body_spec, str(exc))
+            return
+        if join is None:
+            return
+        try:
+            body = Signature.from_dict(body_spec, self.app)
+            failed = [(task_id, error) for task_id, member_state, error in join.parts if member_state != states.SUCCESS]
+            if failed:
+                self._fail_chord(body, message, *failed[0])
+            else:
+                self._send_follow_up(body, message, ([value for _, _, value in join.parts],))
+        except BaseException:
+            # Let a redelivered header task (this one, handed back) send the body.
+            with contextlib.suppress(TaskframeError):
+                joiner.chord_release(join)
+            raise
+        joiner.chord_done(join)
+
+    def _refuse_foreign_chord(self, message: Message, spec: dict[str, Any], reason: str) -> None:
+        """A chord this backend cannot join (sent by Celery, which keeps the size in the Redis
+        backend only): fail its body clearly rather than leave it PENDING for ever."""
         log.error("chord body %s will not run: %s", spec.get("task"), reason)
         body_id = (spec.get("options") or {}).get("task_id")
         if body_id:
             store_state(self.app, str(body_id), states.FAILURE, encode_exception(ChordError(reason)))
 
-    def _fail_chord(self, body: Signature, message: Message, member_id: str, record: Any) -> None:
-        error = record.get("result") or {}
+    def _fail_chord(self, body: Signature, message: Message, member_id: str, error: Any) -> None:
+        error = error if isinstance(error, dict) else {}
         detail = f"{error.get('exc_type', 'Error')}({', '.join(map(repr, error.get('exc_message') or []))})"
         reason = f"Dependency {member_id} raised {detail}"
         body_id = str(body.options.get("task_id") or "")

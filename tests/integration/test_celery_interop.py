@@ -97,6 +97,12 @@ def flaky(self, tag):
     return self.request.retries
 
 
+def collect(values, tag):
+    """A chord body: notes that it ran (once per run) and returns the header's results as given."""
+    note("body-" + tag, len(values))
+    return values
+
+
 def spawn(x):
     """Sends a child task (to the same side's queue) while it runs: the record lists it."""
     child = app.send_task("tasks.add", (x, x)) if RUNS_ON_TASKFRAME else capp.send_task("tasks.add", (x, x))
@@ -113,6 +119,7 @@ for register in (app.task, functools.partial(capp.task, shared=False)):
     register(name="tasks.stamp")(stamp)
     register(name="tasks.flaky", bind=True)(flaky)
     register(name="tasks.spawn")(spawn)
+    register(name="tasks.collect")(collect)
 '''
 
 
@@ -518,16 +525,126 @@ def test_a_group_saved_by_celery_is_restored_by_taskframe(interop: Interop) -> N
     assert sent.get(timeout=RESULT_TIMEOUT_S) == [0, 2, 4]
 
 
-def test_a_celery_chord_on_taskframe_workers_fails_its_body_clearly(interop: Interop) -> None:
-    # Given a Celery chord whose header runs on the taskframe worker (Celery counts chords in
-    # keys of its own, so taskframe cannot tell when the header is complete)
-    from taskframe.exceptions import ChordError
+def test_a_chord_travels_as_celery_s(interop: Interop) -> None:
+    # Given the same chord sent by each producer
+    def send(app: Any, signature: Any, queue: str) -> None:
+        header = [signature("tasks.add", (i, i), queue=queue) for i in range(2)]
+        body = signature("tasks.collect", ("wire",), queue="elsewhere")
+        sent = (celery.chord if app is interop.capp else _taskframe_chord)(header, body).apply_async()
+        if app is interop.capp:  # nothing will run them: end Celery's subscriptions to their results now
+            for task_id in [sent.id, *(r.id for r in sent.parent.results)]:
+                interop.capp.backend.result_consumer.cancel_for(task_id)
 
-    header = [interop.capp.signature("tasks.add", (i, i), queue=interop.tq) for i in range(2)]
-    body = celery.chord(header, interop.capp.signature("tasks.add", (10,), queue=interop.tq)).apply_async()
-    # Then the body fails at once with an error saying what to do, instead of never finishing
-    with pytest.raises(ChordError, match="run a Celery chord's header on Celery workers"):
-        body.get(timeout=RESULT_TIMEOUT_S)
-    # And the header tasks ran once each, and the worker goes on
-    assert [r.get(timeout=1) for r in body.parent.results] == [0, 2]
-    assert interop.capp.send_task("tasks.add", (1, 1), queue=interop.tq).get(timeout=RESULT_TIMEOUT_S) == 2
+    theirs, ours = _sent_both_ways(interop, send)
+    # Then embed.chord is the body's signature, in Celery's form, with the header's size on it
+    our_body, their_body = ours.decode()[2]["chord"], theirs.decode()[2]["chord"]
+    assert set(their_body) <= set(our_body)
+    assert (
+        (our_body["task"], our_body["args"]) == (their_body["task"], their_body["args"]) == ("tasks.collect", ["wire"])
+    )
+    assert our_body["options"]["queue"] == their_body["options"]["queue"] == "elsewhere"
+    assert our_body["chord_size"] == 2
+    # And the header task names its group and its place in it, as Celery's does
+    for message in (ours, theirs):
+        assert message.headers["group"] and message.headers["group_index"] == 0
+    # (reply_to names Celery's RPC result queue: taskframe has none)
+    assert set(their_body["options"]) - {"reply_to"} == set(our_body["options"]) == {"queue", "task_id", "group_id"}
+    assert our_body["options"]["group_id"] == ours.headers["group"]
+
+
+def _taskframe_chord(header: list[Any], body: Any) -> Any:
+    from taskframe import chord
+
+    return chord(header, body)
+
+
+def _chord_parts(interop: Interop, signature: Any, queues: list[str], body_queue: str) -> tuple[list[Any], Any, str]:
+    """Header tasks add(i, i) for i in 0..len(queues)-1, each on the given queue, and a body that
+    notes each of its runs under a fresh tag."""
+    tag = uuid.uuid4().hex[:8]
+    header = [signature("tasks.add", (i, i), queue=queue) for i, queue in enumerate(queues)]
+    return header, signature("tasks.collect", (tag,), queue=body_queue), tag
+
+
+def test_a_celery_chord_runs_its_header_on_taskframe_workers(interop: Interop) -> None:
+    # Given a Celery chord whose header runs on the taskframe worker, its body on Celery's
+    header, body, tag = _chord_parts(interop, interop.capp.signature, [interop.tq] * 4, interop.cq)
+    result = celery.chord(header, body).apply_async()
+    # Then the body gets every header result, in header order, once
+    assert result.get(timeout=RESULT_TIMEOUT_S) == [0, 2, 4, 6]
+    assert interop.notes(f"body-{tag}") == ["4"]
+    assert [r.get(timeout=1) for r in result.parent.results] == [0, 2, 4, 6]
+
+
+def test_a_taskframe_chord_runs_its_header_on_a_celery_worker(interop: Interop) -> None:
+    # Given a taskframe chord whose header runs on the Celery worker, its body on taskframe's
+    header, body, tag = _chord_parts(interop, interop.app.signature, [interop.cq] * 4, interop.tq)
+    result = _taskframe_chord(header, body).apply_async()
+    # Then Celery's worker joins it and sends the body, which gets the results in order, once
+    assert result.get(timeout=RESULT_TIMEOUT_S) == [0, 2, 4, 6]
+    assert interop.notes(f"body-{tag}") == ["4"]
+    assert interop.capp.AsyncResult(result.id).get(timeout=1) == [0, 2, 4, 6]
+
+
+@pytest.mark.parametrize("sender", ["celery", "taskframe"])
+def test_a_chord_split_across_both_workers_fires_its_body_once(interop: Interop, sender: str) -> None:
+    # Given chords whose header tasks alternate between the two workers, from either sender
+    queues = [interop.tq, interop.cq] * 5
+    tags, results = [], []
+    for body_queue in (interop.tq, interop.cq):
+        if sender == "celery":
+            header, body, tag = _chord_parts(interop, interop.capp.signature, queues, body_queue)
+            results.append(celery.chord(header, body).apply_async())
+        else:
+            header, body, tag = _chord_parts(interop, interop.app.signature, queues, body_queue)
+            results.append(_taskframe_chord(header, body).apply_async())
+        tags.append(tag)
+    # Then each body runs once, with all ten results in header order
+    expected = [2 * i for i in range(10)]
+    assert [r.get(timeout=RESULT_TIMEOUT_S) for r in results] == [expected, expected]
+    time.sleep(0.5)  # a second run of a body would come within this
+    assert [interop.notes(f"body-{tag}") for tag in tags] == [["10"], ["10"]]
+
+
+@pytest.mark.parametrize("sender", ["celery", "taskframe"])
+def test_a_failed_header_task_on_either_worker_fails_the_chord(interop: Interop, sender: str) -> None:
+    # Given a chord whose header fails on one worker and succeeds on the other, from either sender
+    signature = interop.capp.signature if sender == "celery" else interop.app.signature
+    for failing_queue, other_queue in ((interop.tq, interop.cq), (interop.cq, interop.tq)):
+        tag = uuid.uuid4().hex[:8]
+        header = [
+            signature("tasks.add", (1, 1), queue=other_queue),
+            signature("tasks.fail", ("header broke",), queue=failing_queue),
+        ]
+        body = signature("tasks.collect", (tag,), queue=other_queue)
+        result = (celery.chord if sender == "celery" else _taskframe_chord)(header, body).apply_async()
+        # Then the body fails with a chord error naming the failure, and does not run (read on
+        # its own: Celery's get() would raise the header's error first)
+        with pytest.raises(Exception, match="header broke") as failed:
+            interop.app.AsyncResult(result.id).get(timeout=RESULT_TIMEOUT_S)
+        assert type(failed.value).__name__ == "ChordError"
+        if sender == "celery":  # Celery's handles read the same (and so drop their subscriptions)
+            assert "header broke" in str(result.get(timeout=RESULT_TIMEOUT_S, propagate=False))
+            assert [str(r) for r in result.parent.get(timeout=RESULT_TIMEOUT_S, propagate=False)] == [
+                "2",
+                "header broke",
+            ]
+        assert interop.notes(f"body-{tag}") == []
+
+
+@pytest.mark.parametrize("sender", ["celery", "taskframe"])
+def test_a_header_task_that_retries_keeps_its_place_in_the_chord(interop: Interop, sender: str) -> None:
+    # Given a chord whose first header task retries once on each worker (a retry is a new message)
+    signature = interop.capp.signature if sender == "celery" else interop.app.signature
+    tags = [uuid.uuid4().hex[:8] for _ in range(3)]
+    header = [
+        signature("tasks.flaky", (tags[0],), queue=interop.tq),
+        signature("tasks.add", (5, 5), queue=interop.tq),
+        signature("tasks.flaky", (tags[1],), queue=interop.cq),
+        signature("tasks.add", (7, 7), queue=interop.cq),
+    ]
+    body = signature("tasks.collect", (tags[2],), queue=interop.tq)
+    result = (celery.chord if sender == "celery" else _taskframe_chord)(header, body).apply_async()
+    # Then the body gets the results in header order, once
+    assert result.get(timeout=RESULT_TIMEOUT_S) == [1, 10, 1, 14]
+    assert interop.notes(f"body-{tags[2]}") == ["4"]

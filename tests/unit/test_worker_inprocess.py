@@ -164,6 +164,26 @@ def test_chord_header_failure_is_a_chord_error(app: App) -> None:
             result.get(timeout=10)
 
 
+def test_a_celery_chord_on_a_backend_that_cannot_join_it_fails_its_body_clearly(app: App) -> None:
+    # Given a header task as Celery sends it (the body's signature in embed.chord, without the
+    # size, which Celery keeps in its Redis backend only), on the in-memory backend
+    body: dict[str, Any] = {
+        "task": "t.tsum",
+        "args": [],
+        "kwargs": {},
+        "options": {"task_id": "celery-body"},
+        "subtask_type": None,
+    }
+    with start_worker(app):
+        header = app.send_task("t.add", (1, 1), group_id="celery-group", group_index=0, chord=body)
+        # Then the header task's result stands, and the body fails at once, saying what to do
+        assert header.get(timeout=5) == 2
+        with pytest.raises(ChordError, match="use the Redis result backend"):
+            app.AsyncResult("celery-body").get(timeout=5)
+        # And the worker goes on
+        assert app.tasks["t.add"].delay(2, 2).get(timeout=5) == 4
+
+
 def test_retry_keeps_the_id_and_counts(app: App) -> None:
     with start_worker(app):
         result = app.tasks["t.flaky"].delay(2)
