@@ -77,6 +77,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, Protocol, TypeVar, cast
+from urllib.parse import urlsplit
 
 import redis
 from redis.retry import Retry
@@ -456,6 +457,14 @@ class RedisBackend:
         }
         self._lock = threading.Lock()
         self._state: _ProcessState | None = None
+        if "cluster=" in urlsplit(url).query.lower():
+            # The broker's cluster option (brokers/redis.py); with no result_backend set, the
+            # App hands the broker's URL on to here.
+            msg = (
+                f"the redis result backend runs on one Redis server, not a Redis Cluster ({mask_url(url)!r}): "
+                "set result_backend to a single server's URL (without cluster=) or to another backend"
+            )
+            raise ConfigurationError(msg)
         try:
             redis.ConnectionPool.from_url(url)  # parse now: a bad URL fails at App(), not at first use
         except ValueError as exc:

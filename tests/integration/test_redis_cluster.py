@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from redis.cluster import RedisCluster
 
+from taskframe import App
 from taskframe.broker import Envelope, OutgoingMessage
 from taskframe.exceptions import BrokerConnectionError, BrokerError, ConfigurationError
 from taskframe.registry import create_broker
@@ -145,6 +146,15 @@ def test_bad_cluster_settings_say_what_to_fix(cluster_url: str) -> None:
         create_broker(f"{cluster_url}?cluster=maybe", Settings(broker_url=cluster_url))
     with pytest.raises(ConfigurationError, match="only database 0"):
         create_broker(f"{cluster_url}/3?cluster=true", Settings(broker_url=cluster_url))
+
+
+def test_results_of_an_app_on_a_cluster_broker_need_their_own_backend_url(cluster_url: str) -> None:
+    url = f"{cluster_url}?cluster=true"
+    app = App("on-cluster", broker=url)  # no backend: the broker's URL is offered to the Redis backend
+    with pytest.raises(ConfigurationError, match="not a Redis Cluster.*set result_backend"):
+        app.backend  # noqa: B018 - the property builds the backend
+    app.broker.publish(_queue(), _envelope("x"))  # the broker itself works
+    app.broker.close()
 
 
 def test_cluster_option_on_a_server_that_is_not_a_cluster_says_so() -> None:
