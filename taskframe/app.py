@@ -16,6 +16,7 @@ from typing_extensions import ParamSpec
 from .broker import Broker, OutgoingMessage, check_priority
 from .exceptions import ConfigurationError, NotRegistered
 from .message import (
+    SEND_OPTIONS,
     Embed,
     Message,
     TaskHeaders,
@@ -46,32 +47,6 @@ ORIGIN = f"gen{os.getpid()}@{os.uname().nodename}"
 
 _current: weakref.ReferenceType[App] | None = None
 
-#: The options of apply_async / send_task (DESIGN §2).
-SEND_OPTIONS = frozenset(
-    {
-        "queue",
-        "countdown",
-        "eta",
-        "expires",
-        "priority",
-        "task_id",
-        "link",
-        "link_error",
-        "headers",
-        "ignore_result",
-        "time_limit",
-        "soft_time_limit",
-        "serializer",
-        "retries",
-        "parent_id",
-        "root_id",
-        "group_id",
-        "group_index",
-        "chain",
-        "chord",
-        "shadow",
-    }
-)
 #: A message as plain parts: headers, properties, args, kwargs, embed.
 _Parts = tuple[dict[str, Any], dict[str, Any], list[Any], dict[str, Any], dict[str, Any]]
 

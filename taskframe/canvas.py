@@ -14,35 +14,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .backend import chord_joiner
+from .message import SEND_OPTIONS
 from .result import AsyncResult, GroupResult
 
 if TYPE_CHECKING:
     from .app import App
     from .task import Request
 
-#: Options a signature keeps in its dict form; the rest of apply_async's are per call.
-_SIGNATURE_OPTION_KEYS = frozenset(
-    {
-        "queue",
-        "countdown",
-        "eta",
-        "expires",
-        "priority",
-        "task_id",
-        "link",
-        "link_error",
-        "headers",
-        "ignore_result",
-        "time_limit",
-        "soft_time_limit",
-        "serializer",
-        # Carried by steps of a chain inside a group or chord, and by a chord body in a chain:
-        "chain",
-        "group_id",
-        "group_index",
-        "chord",
-    }
-)
+#: Options a signature keeps in its dict form: apply_async's, less those a worker sets on each
+#: message it sends (the retry count, parent and root ids, shadow name).
+_SIGNATURE_OPTION_KEYS = SEND_OPTIONS - {"retries", "parent_id", "root_id", "shadow"}
 
 #: Options Celery writes into a signature's dict form that have no meaning here (``reply_to``
 #: names Celery's RPC result queue; stamps are Celery's) and that apply_async would refuse.

@@ -25,6 +25,33 @@ from .serialization import Serializer, get_serializer, serializer_for_content_ty
 #: Version of taskframe's reading of the protocol; Celery's own headers carry none.
 PROTOCOL_VERSION = 2
 
+#: The options of apply_async / send_task (DESIGN §2).
+SEND_OPTIONS = frozenset(
+    {
+        "queue",
+        "countdown",
+        "eta",
+        "expires",
+        "priority",
+        "task_id",
+        "link",
+        "link_error",
+        "headers",
+        "ignore_result",
+        "time_limit",
+        "soft_time_limit",
+        "serializer",
+        "retries",
+        "parent_id",
+        "root_id",
+        "group_id",
+        "group_index",
+        "chain",
+        "chord",
+        "shadow",
+    }
+)
+
 
 class TaskHeaders(BaseModel):
     """Protocol v2 headers. Unknown headers (Celery's stamps, user ``headers=``) are kept."""
