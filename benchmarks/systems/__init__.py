@@ -79,8 +79,9 @@ def all_systems() -> dict[str, System]:
     from .celery_ import Celery
     from .dramatiq_ import Dramatiq
     from .huey_ import Huey, HueyNormal
+    from .raw_redis_ import RawRedis
     from .rq_ import RQ
     from .taskframe_ import Taskframe
 
-    systems: list[System] = [Taskframe(), Huey(), HueyNormal(), Celery(), Dramatiq(), RQ()]
+    systems: list[System] = [Taskframe(), RawRedis(), Huey(), HueyNormal(), Celery(), Dramatiq(), RQ()]
     return {s.name: s for s in systems}
