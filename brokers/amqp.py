@@ -174,6 +174,7 @@ from taskframe.broker import (
     check_priority,
     check_queues,
     check_receive,
+    warn_lost_leases,
 )
 from taskframe.exceptions import (
     BrokerConnectionError,
@@ -1432,13 +1433,7 @@ class AMQPConsumer:
                     lost += 1
                 else:
                     lease.deadline = deadline
-        if lost:
-            log.warning(
-                "%d of %d leases had been lost (handed back after visibility_timeout, or their connection"
-                " closed); those messages may run twice",
-                lost,
-                len(deliveries),
-            )
+        warn_lost_leases(log, lost, len(deliveries), "handed back after visibility_timeout, or their connection closed")
 
     def close(self) -> None:
         """Close the channel: what it holds goes back to the queues at once."""

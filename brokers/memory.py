@@ -51,6 +51,7 @@ from taskframe.broker import (
     check_priority,
     check_queues,
     check_receive,
+    warn_lost_leases,
 )
 from taskframe.exceptions import MessageError
 
@@ -391,13 +392,7 @@ class MemoryConsumer:
                     lost += 1
                 else:
                     broker._schedule(message, now + broker.visibility_timeout_s, now)
-        if lost:
-            log.warning(
-                "%d of %d leases had been lost (expired and received by another consumer, or"
-                " acked); those messages may run twice",
-                lost,
-                len(deliveries),
-            )
+        warn_lost_leases(log, lost, len(deliveries))
 
     def close(self) -> None:
         self._closed = True

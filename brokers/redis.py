@@ -160,6 +160,7 @@ from taskframe.broker import (
     check_priority,
     check_queues,
     check_receive,
+    warn_lost_leases,
 )
 from taskframe.exceptions import BrokerConnectionError, BrokerError, ConfigurationError, MessageError
 from taskframe.settings import mask_url
@@ -1294,13 +1295,7 @@ class RedisConsumer:
         lease_ms = round(self.broker.visibility_timeout_s * 1000)
         calls = [("renew", self.broker.keys(queue, "renew"), (lease_ms, *pairs)) for queue, pairs in by_queue.items()]
         renewed = sum(int(n) for n in self.broker._run_many("renew leases", calls))
-        if renewed < len(deliveries):
-            log.warning(
-                "%d of %d leases had been lost (expired and received by another consumer, or"
-                " acked); those messages may run twice",
-                len(deliveries) - renewed,
-                len(deliveries),
-            )
+        warn_lost_leases(log, len(deliveries) - renewed, len(deliveries))
 
     def close(self) -> None:
         # Nothing is buffered: unacked deliveries come back when their leases end.

@@ -67,6 +67,7 @@ from taskframe.broker import (
     check_priority,
     check_queues,
     check_receive,
+    warn_lost_leases,
 )
 from taskframe.exceptions import (
     BrokerConnectionError,
@@ -575,13 +576,7 @@ class SQLiteConsumer:
                 renewed = conn.executemany(_RENEW, rows).rowcount
         except sqlite3.Error as exc:
             raise self.broker._error(exc, "renew leases") from exc
-        if renewed < len(rows):
-            log.warning(
-                "%d of %d leases had been lost (expired and received by another consumer, or"
-                " acked); those messages may run twice",
-                len(rows) - renewed,
-                len(rows),
-            )
+        warn_lost_leases(log, len(rows) - renewed, len(rows))
 
     def close(self) -> None:
         # Nothing is buffered: unacked deliveries come back when their leases end.

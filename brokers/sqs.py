@@ -145,6 +145,7 @@ from taskframe.broker import (
     check_priority,
     check_queues,
     check_receive,
+    warn_lost_leases,
 )
 from taskframe.exceptions import (
     BrokerConnectionError,
@@ -977,13 +978,7 @@ class SQSConsumer:
         if not receipts:
             return
         lost = broker._change_visibility(receipts, broker.visibility_s, "renew leases")
-        if lost:
-            log.warning(
-                "%d of %d leases had been lost (deleted, or past SQS's 12-hour visibility limit);"
-                " those messages may run twice",
-                lost,
-                len(receipts),
-            )
+        warn_lost_leases(log, lost, len(receipts), "deleted, or past SQS's 12-hour visibility limit")
 
     def close(self) -> None:
         # Nothing is buffered but the acks, which go now; unacked deliveries come back when

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -56,6 +57,17 @@ def check_receive(consumer: object, *, closed: bool, max_messages: int) -> None:
     if closed:
         msg = f"{consumer!r} is closed; create a new consumer"
         raise BrokerError(msg)
+
+
+#: Why a lease renewal usually misses (the adapters that know better say so).
+LEASE_LOST_BECAUSE = "expired and received by another consumer, or acked"
+
+
+def warn_lost_leases(log: logging.Logger, lost: int, total: int, because: str = LEASE_LOST_BECAUSE) -> None:
+    """The one warning every ``Consumer.renew`` gives when some of its leases were gone,
+    on the adapter's own logger (users filter by it)."""
+    if lost:
+        log.warning("%d of %d leases had been lost (%s); those messages may run twice", lost, total, because)
 
 
 @dataclass(frozen=True)

@@ -61,3 +61,17 @@ def test_ack_many_with_a_lost_lease_spares_the_new_copy(broker: Broker) -> None:
     assert counts(broker) == (0, 1)
     ack_all(second, [again])
     assert counts(broker) == (0, 0)
+
+
+def test_renewing_a_lease_another_consumer_took_warns_once(broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
+    publish(broker, "a", "b")
+    first = broker.consumer(["q"], prefetch=2)
+    stale = first.receive(3.0, max_messages=2)
+    time.sleep(LEASE_S + 0.2)  # both leases end
+    second = broker.consumer(["q"], prefetch=1)
+    assert len(second.receive(3.0, max_messages=1)) == 1  # one of them is someone else's now
+    with caplog.at_level("WARNING"):
+        first.renew(stale)
+    lost = [r.getMessage() for r in caplog.records if "leases had been lost" in r.getMessage()]
+    assert len(lost) == 1 and lost[0].startswith(("1 of 2", "2 of 2"))
+    assert "may run twice" in lost[0]
