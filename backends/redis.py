@@ -61,6 +61,11 @@ stored after it is published to it. After a lost connection the thread reconnect
 subscribes again and wakes every waiter to read once more; a waiter also reads every
 ``SAFETY_POLL_S`` seconds, and polls with backoff while the subscription cannot be made.
 
+Speed: ``store()``, ``fetch()`` and ``get()`` (a worker's per-task writes and its revocation
+read) are packed by hand and sent on a connection kept out of the pool
+(``taskframe.brokers.redis_wire``, shared with the broker): redis-py's per-command machinery
+cost as much client time as the round trip.
+
 Fork safety: the connection pool, the pub/sub connection and its thread belong to the process
 that made them; a forked child builds its own on first use and never closes the parent's.
 """
@@ -68,6 +73,7 @@ that made them; a forked child builds its own on first use and never closes the 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import os
@@ -76,12 +82,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
+if TYPE_CHECKING:  # mypy reads the source tree, where the package is ``brokers``
+    from brokers.redis_wire import DirectLane, resp
+else:
+    from taskframe.brokers.redis_wire import DirectLane, resp
 from taskframe.backend import READY_STATES, ChordJoin, ChordPart, ResultRecord, dump_json
 from taskframe.exceptions import BackendError, ConfigurationError
 from taskframe.settings import Settings, mask_url
@@ -405,7 +416,8 @@ class _ProcessState:
         self.pid = os.getpid()
         self.pool = redis.ConnectionPool.from_url(url, **pool_kwargs)
         self.client = redis.Redis(connection_pool=self.pool)
-        self.store_script = self.client.register_script(_STORE)
+        self.lane = DirectLane(self.pool)  # store and read on the hot path (see redis_wire)
+        self.store_sha = hashlib.sha1(_STORE.encode()).hexdigest()
         self.chord_part_script = self.client.register_script(_CHORD_PART_RETURN)
         self.chord_cleanup_script = self.client.register_script(_CHORD_CLEANUP)
         self.chord_release_script = self.client.register_script(_CHORD_RELEASE)
@@ -421,8 +433,25 @@ class _ProcessState:
         }
         return cast(_PubSubConnection, self.pool.connection_class(**kwargs))
 
+    def store(self, key: str, args: tuple[str, int, int]) -> None:
+        """The store script (EVALSHA, loaded after NOSCRIPT: Redis restarted)."""
+        packed = resp("EVALSHA", self.store_sha, 1, key, *args)
+        (reply,) = self.lane.send(packed, 1)
+        if isinstance(reply, NoScriptError):
+            self.client.script_load(_STORE)
+            (reply,) = self.lane.send(packed, 1)
+        if isinstance(reply, Exception):
+            raise reply
+
+    def get(self, key: str) -> bytes | None:
+        (reply,) = self.lane.send(resp("GET", key), 1)
+        if isinstance(reply, Exception):
+            raise reply
+        return cast("bytes | None", reply)
+
     def close(self) -> None:
         self.listener.close()
+        self.lane.close()
         self.pool.disconnect()
 
 
@@ -486,11 +515,11 @@ class RedisBackend:
         text = dump_json({"status": status, **record}, f"result of task {task_id!r}")
         args = (text, int(status in READY_STATES), _ttl_ms(ttl_s))
         key = self.task_key(task_id)
-        self._retrying("store the result", lambda: self._state_now().store_script(keys=[key], args=args))
+        self._retrying("store the result", lambda: self._state_now().store(key, args))
 
     def fetch(self, task_id: str) -> ResultRecord | None:
         key = self.task_key(task_id)
-        raw = self._retrying("read the result", lambda: self._client().get(key))
+        raw = self._retrying("read the result", lambda: self._state_now().get(key))
         return None if raw is None else _loads(raw, f"result of task {task_id!r}")
 
     def wait(self, task_id: str, timeout_s: float) -> ResultRecord | None:
@@ -544,7 +573,7 @@ class RedisBackend:
 
     def get(self, key: str) -> dict[str, Any] | None:
         doc_key = self.doc_key(key)
-        raw = self._retrying("read the document", lambda: self._client().get(doc_key))
+        raw = self._retrying("read the document", lambda: self._state_now().get(doc_key))
         if raw is None:
             return None
         doc: dict[str, Any] = _loads(raw, f"document {key!r}")

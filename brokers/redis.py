@@ -27,6 +27,9 @@ Features
   ``requeue=False``, moves to the queue's dead-letter list; list, requeue or purge it there.
 * Blocking receive: a consumer with nothing to do blocks on ``BZPOPMIN`` of the queues'
   wake-up sets, woken by a publish or at the next due delay or lease expiry: no polling.
+  The receive script goes out in the same write, behind the ``BZPOPMIN``: Redis runs it the
+  moment the block ends, so a wake-up costs no extra round trip (not on a cluster, where the
+  tokens and the queues may be on different nodes).
 * Batches: one ``receive`` leases up to ``max_messages`` in one round trip; ``publish_many``
   sends every message in one write (an ``RPUSH`` per queue and priority); ``ack_many``
   acks a batch in one round trip.
@@ -131,7 +134,6 @@ script or ``BZPOPMIN`` can span slots:
 from __future__ import annotations
 
 import hashlib
-import inspect
 import itertools
 import json
 import logging
@@ -140,7 +142,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -165,6 +167,8 @@ from taskframe.broker import (
 from taskframe.exceptions import BrokerConnectionError, BrokerError, ConfigurationError, MessageError
 from taskframe.settings import mask_url
 
+from .redis_wire import GET_CONNECTION_ARGS, DirectLane, RawConnection, exchange, resp
+
 if TYPE_CHECKING:
     from taskframe.broker import Broker, Consumer
     from taskframe.settings import Settings
@@ -184,8 +188,6 @@ RETRY_MIN_S, RETRY_MAX_S = 0.05, 1.0
 #: Longest single BZPOPMIN, in seconds: well under the socket timeout, so a block never looks
 #: like a dead connection; a longer receive blocks several times.
 MAX_BLOCK_S = 5.0
-#: Seconds a connection may sit unused before it is checked (as redis-py's pool does) first.
-IDLE_CHECK_S = 1.0
 #: Due delayed messages and expired leases moved per queue and receive: bounds the time one
 #: script blocks Redis after a long outage; the rest moves on the next receives.
 PROMOTE_BATCH = 1000
@@ -562,28 +564,13 @@ def _script_source(name: str) -> str:
 _SOURCES = {name: _script_source(name) for name in _SCRIPTS}
 
 
-def _get_connection_args() -> tuple[str, ...]:
-    """What ``ConnectionPool.get_connection`` needs: a command name before redis-py 5.3, and
-    nothing since (an argument then only earns a DeprecationWarning)."""
-    parameter = inspect.signature(redis.ConnectionPool.get_connection).parameters.get("command_name")
-    return ("EVALSHA",) if parameter is not None and parameter.default is inspect.Parameter.empty else ()
-
-
-_GET_CONNECTION_ARGS = _get_connection_args()
-
-
 def _message_id(priority: int) -> str:
     return f"{check_priority(priority)}{os.urandom(16).hex()}"
 
 
-def _resp(*args: bytes | str | int) -> bytes:
-    """One command in Redis's wire format (RESP), packed here: redis-py's packer costs more
-    client time than the LPUSH it sends."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        raw = arg if isinstance(arg, bytes) else str(arg).encode()
-        out += (b"$%d\r\n" % len(raw), raw, b"\r\n")
-    return b"".join(out)
+def _block_timeout(timeout_s: float) -> str:
+    """A BZPOPMIN timeout: Redis counts whole milliseconds, and 0 would mean forever."""
+    return str(round(max(timeout_s, 0.001), 3))
 
 
 def _rpush(prefix: bytes, payloads: Sequence[bytes]) -> bytes:
@@ -600,16 +587,6 @@ def _rpush(prefix: bytes, payloads: Sequence[bytes]) -> bytes:
 CHUNK = 1000
 
 
-class _RawConnection(Protocol):
-    """The part of redis-py's (untyped) ``Connection`` used to talk to Redis directly."""
-
-    def send_packed_command(self, command: list[bytes]) -> None: ...
-    def read_response(self) -> Any: ...
-    def can_read(self) -> bool: ...
-    def connect(self) -> None: ...
-    def disconnect(self) -> None: ...
-
-
 class _ScriptPacker:
     """Packs EVALSHA calls; the part shared by the standalone and the cluster connection."""
 
@@ -622,7 +599,7 @@ class _ScriptPacker:
         head = self._heads.get(cache_key)
         if head is None:
             # The script and its keys, packed once: a receive of one queue has 20 keys.
-            head = _resp("EVALSHA", self.shas[name], len(keys), *keys).split(b"\r\n", 1)[1]
+            head = resp("EVALSHA", self.shas[name], len(keys), *keys).split(b"\r\n", 1)[1]
             if len(self._heads) < 10_000:  # bounded, as RedisBroker._keys
                 self._heads[cache_key] = head
         out = [b"*%d\r\n" % (3 + len(keys) + len(args)), head]
@@ -640,12 +617,7 @@ class _Connection(_ScriptPacker):
         self.pool = redis.ConnectionPool.from_url(url, **kwargs)
         self.client = redis.Redis(connection_pool=self.pool)
         self.shas = {name: Script(self.client, source).sha for name, source in _SOURCES.items()}
-        # One connection kept out of the pool for whichever thread finds it free: taking one
-        # from redis-py's pool and giving it back (a poll of the socket, events, metrics)
-        # costs more client time than the LPUSH of a publish. Connected on first use.
-        self._own = cast(_RawConnection, self.pool.make_connection())
-        self._own_lock = threading.Lock()
-        self._own_used = 0.0  # time.monotonic() of its last use
+        self._lane = DirectLane(self.pool)  # see redis_wire: a publish is one write, no pool
         self._heads: dict[tuple[str, tuple[bytes, ...]], bytes] = {}
 
     def run(self, name: str, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
@@ -657,32 +629,33 @@ class _Connection(_ScriptPacker):
 
     def block(self, wake_keys: Sequence[bytes], timeout_s: float) -> None:
         """BZPOPMIN of ``wake_keys``; Redis counts whole milliseconds, and 0 would mean forever."""
-        self.client.bzpopmin(wake_keys, timeout=round(max(timeout_s, 0.001), 3))
+        self.client.bzpopmin(wake_keys, timeout=_block_timeout(timeout_s))
+
+    def block_then_run(
+        self, wake_keys: Sequence[bytes], timeout_s: float, name: str, keys: Sequence[bytes], args: Sequence[Any]
+    ) -> Any:
+        """BZPOPMIN of ``wake_keys``, then one script, in one write on one connection.
+
+        Redis runs a connection's commands in order, so the script starts the moment the block
+        ends (a wake-up or its timeout) instead of after the wake-up has reached this process
+        and it has asked again: an idle consumer's round trip is one hop shorter. On a pooled
+        connection: the lane's kept one stays free for publishes meanwhile.
+        """
+        packed = resp("BZPOPMIN", *wake_keys, _block_timeout(timeout_s)) + self._evalsha((name, keys, args))
+        woken, result = self._lane.send_pooled(packed, 2)
+        if isinstance(woken, Exception):
+            raise woken
+        if isinstance(result, NoScriptError):  # Redis restarted or flushed its scripts
+            return self.run(name, keys, args)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def send(self, packed: bytes, replies: int, route: bytes = b"") -> list[Any]:
-        """Send packed commands in one write and read their ``replies``: one round trip.
-        (``route``, a key of the commands, matters only on a cluster.)
-
-        It talks to a connection directly: ``Redis.execute_command`` adds retries and metrics
-        that cost as much client time as the command, and the callers handle retries
-        themselves. An error reply comes back in the list as its exception, so that the other
-        replies are still read off the socket; a lost connection raises.
-        """
-        if self._own_lock.acquire(blocking=False):
-            try:
-                now = time.monotonic()
-                if now - self._own_used > IDLE_CHECK_S:
-                    _check(self._own)
-                self._own_used = now
-                return _exchange(self._own, packed, replies)
-            finally:
-                self._own_lock.release()
-        pool = self.pool
-        pooled = pool.get_connection(*_GET_CONNECTION_ARGS)
-        try:
-            return _exchange(cast(_RawConnection, pooled), packed, replies)
-        finally:
-            pool.release(pooled)
+        """Send packed commands in one write and read their ``replies``: one round trip
+        (``route``, a key of the commands, matters only on a cluster). See
+        :func:`redis_wire.exchange` for errors."""
+        return self._lane.send(packed, replies)
 
     def run_many(self, calls: Sequence[tuple[str, Sequence[bytes], Sequence[Any]]]) -> list[Any]:
         """Several scripts in one pipelined round trip (not a transaction: each is atomic).
@@ -704,38 +677,8 @@ class _Connection(_ScriptPacker):
         return results
 
     def close(self) -> None:
-        with self._own_lock:
-            self._own.disconnect()
+        self._lane.close()
         self.pool.disconnect()
-
-
-def _check(conn: _RawConnection) -> None:
-    """What redis-py's pool does to a connection it hands out: one that Redis closed (it
-    restarted, or dropped an idle client) is replaced before a command goes out on it, since
-    a command whose reply is lost cannot be safely repeated."""
-    try:
-        stale = conn.can_read()  # an idle connection has nothing to read but an EOF
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-        stale = True
-    if stale:
-        conn.disconnect()
-        conn.connect()
-
-
-def _exchange(conn: _RawConnection, packed: bytes, replies: int) -> list[Any]:
-    """Write ``packed`` on ``conn``, read ``replies`` replies (see :meth:`_Connection.send`)."""
-    try:
-        conn.send_packed_command([packed])  # a list: redis-py iterates over it
-        results: list[Any] = []
-        for _ in range(replies):
-            try:
-                results.append(conn.read_response())
-            except redis.exceptions.ResponseError as exc:
-                results.append(exc)
-        return results
-    except BaseException:
-        conn.disconnect()  # a reply may be half read: never use this socket again
-        raise
 
 
 #: A reply that says a Redis Cluster did not run the command there (the slot moved, is moving,
@@ -789,7 +732,7 @@ class _ClusterConnection(_ScriptPacker):
         """BZPOPMIN of ``wake_keys``, which must share one slot, on its node."""
         client = self.client.get_redis_connection(self.node(wake_keys[0]))
         try:
-            client.bzpopmin(wake_keys, timeout=round(max(timeout_s, 0.001), 3))
+            client.bzpopmin(wake_keys, timeout=_block_timeout(timeout_s))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             self._stale = True
             raise
@@ -802,9 +745,9 @@ class _ClusterConnection(_ScriptPacker):
         pause_s = RETRY_MIN_S
         for attempt in range(1, CLUSTER_ATTEMPTS + 1):
             pool = self.client.get_redis_connection(self.node(route)).connection_pool
-            conn = pool.get_connection(*_GET_CONNECTION_ARGS)
+            conn = pool.get_connection(*GET_CONNECTION_ARGS)
             try:
-                results = _exchange(cast(_RawConnection, conn), packed, replies)
+                results = exchange(cast(RawConnection, conn), packed, replies)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
                 self._stale = True  # the node may have failed over: ask the cluster again next time
                 raise
@@ -1082,7 +1025,7 @@ class RedisBroker:
         if found is None:
             keys = dict(zip(_SUFFIXES, self.keys(queue, "receive"), strict=True))
             lists = [b"$5\r\nRPUSH\r\n$%d\r\n%s\r\n" % (len(keys[new]), keys[new]) for new in _NEW]
-            notify = _resp("ZADD", keys["wake"], 0, 1)
+            notify = resp("ZADD", keys["wake"], 0, 1)
             found = (lists, notify, keys["wake"])
             if len(self._fresh) < 10_000:  # bounded, as self._keys
                 self._fresh[queue] = found
@@ -1158,6 +1101,8 @@ class RedisConsumer:
         # from each, and an idle wait blocks on the first queue only, a slice at a time.
         across_slots = broker.cluster and len({key_slot(key) for key in self._wake_keys}) > 1
         self._take = self._lease_across_slots if across_slots else self._lease
+        # BZPOPMIN and the receive script in one write (the tokens and the queues share a server)
+        self._block_pipelined = not broker.cluster
         self._block_keys = self._wake_keys[:1] if across_slots else self._wake_keys
         self._block_max_s = min(CLUSTER_POLL_S, broker._block_s) if across_slots else broker._block_s
 
@@ -1167,27 +1112,40 @@ class RedisConsumer:
     def receive(self, timeout_s: float, *, max_messages: int = 1) -> list[Delivery]:
         check_receive(self, closed=self._closed, max_messages=max_messages)
         deadline = time.monotonic() + max(timeout_s, 0.0)
-        while True:
-            deliveries, wait_ms = self._take(max_messages)
-            if deliveries:
-                return deliveries
+        deliveries, wait_ms = self._take(max_messages)
+        while not deliveries:
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 return []
             if wait_ms >= 0:
                 remaining_s = min(remaining_s, wait_ms / 1000)
-            self._block(min(remaining_s, self._block_max_s))
+            deliveries, wait_ms = self._block_then_take(min(remaining_s, self._block_max_s), max_messages)
+        return deliveries
 
-    def _lease(self, limit: int) -> tuple[list[Delivery], int]:
-        """One script: promote what is due, lease up to ``limit``; returns (deliveries, wait_ms)."""
+    def _lease(self, limit: int, *, block_s: float | None = None) -> tuple[list[Delivery], int]:
+        """One script: promote what is due, lease up to ``limit``; returns (deliveries, wait_ms).
+        With ``block_s``, the script waits behind a BZPOPMIN of the wake-up tokens (one write)."""
         broker = self.broker
         token = f"{self.id}.{next(self._receipts)}"
         args = (limit, round(broker.visibility_timeout_s * 1000), broker.max_deliveries, token, PROMOTE_BATCH)
         try:
-            wait_ms, buried, leased = broker._connection().run("receive", self._keys, args)
+            conn = broker._connection()
+            if block_s is None:
+                wait_ms, buried, leased = conn.run("receive", self._keys, args)
+            else:
+                assert isinstance(conn, _Connection)
+                wait_ms, buried, leased = conn.block_then_run(self._block_keys, block_s, "receive", self._keys, args)
         except redis.exceptions.RedisError as exc:
-            raise broker._error(exc, "receive") from exc
+            raise broker._error(exc, "receive" if block_s is None else "wait for messages") from exc
         return self._deliveries(self.queues, token, buried, leased), int(wait_ms)
+
+    def _block_then_take(self, block_s: float, limit: int) -> tuple[list[Delivery], int]:
+        """Wait for a wake-up (or ``block_s``), then take: pipelined on a standalone Redis,
+        two steps on a cluster (the queues' keys may live on other nodes than the tokens)."""
+        if self._block_pipelined:
+            return self._lease(limit, block_s=block_s)
+        self._block(block_s)
+        return self._take(limit)
 
     def _lease_across_slots(self, limit: int) -> tuple[list[Delivery], int]:
         """``_lease`` for queues on several cluster slots: a peek script per queue says what is

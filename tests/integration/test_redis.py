@@ -314,6 +314,32 @@ def test_a_publish_sent_twice_after_a_lost_reply_is_delivered_once(raw: redis.Re
         delete_keys(raw, f"taskframe:{{{queue}}}:*")
 
 
+def test_a_blocked_consumer_takes_a_message_published_after_redis_forgot_its_scripts(raw: redis.Redis) -> None:
+    # The receive script rides behind the BZPOPMIN of an idle consumer (one write): when Redis
+    # lost its scripts meanwhile (a restart, SCRIPT FLUSH), the consumer loads them and takes.
+    broker = create_broker(URL, Settings(broker_url=URL))
+    queue = f"tf-int-{uuid.uuid4().hex[:8]}"
+    try:
+        consumer = broker.consumer([queue], prefetch=1)
+        assert consumer.receive(0.05) == []  # the scripts are loaded; the queue is empty
+        got: list[Any] = []
+        waiting = threading.Thread(target=lambda: got.extend(consumer.receive(5.0)))
+        started = time.monotonic()
+        waiting.start()
+        time.sleep(0.3)  # the consumer now blocks, its receive script queued behind the block
+        raw.script_flush()
+        broker.publish(queue, _envelope())
+        waiting.join(timeout=6)
+
+        assert [d.envelope.task_id for d in got] == ["x"]
+        assert time.monotonic() - started < 2.0  # woken by the publish, not by the timeout
+        consumer.ack(got[0])
+        assert broker.stats(queue) == QueueStats(queue, ready=0, delayed=0, reserved=0, dead=0)
+    finally:
+        broker.close()
+        delete_keys(raw, f"taskframe:{{{queue}}}:*")
+
+
 def test_ack_many_deletes_a_batch_of_several_queues_but_not_a_copy_received_again(raw: redis.Redis) -> None:
     broker = create_broker(URL, Settings(broker_url=URL, visibility_timeout=0.5))
     first, second = (f"tf-int-{uuid.uuid4().hex[:8]}-{n}" for n in ("a", "b"))
