@@ -1101,8 +1101,8 @@ class RedisConsumer:
         # from each, and an idle wait blocks on the first queue only, a slice at a time.
         across_slots = broker.cluster and len({key_slot(key) for key in self._wake_keys}) > 1
         self._take = self._lease_across_slots if across_slots else self._lease
-        # BZPOPMIN and the receive script in one write (the tokens and the queues share a server)
-        self._block_pipelined = not broker.cluster
+        # One server holds every key: BZPOPMIN, acks and the receive script can go in one write.
+        self._one_server = not broker.cluster
         self._block_keys = self._wake_keys[:1] if across_slots else self._wake_keys
         self._block_max_s = min(CLUSTER_POLL_S, broker._block_s) if across_slots else broker._block_s
 
@@ -1111,8 +1111,21 @@ class RedisConsumer:
 
     def receive(self, timeout_s: float, *, max_messages: int = 1) -> list[Delivery]:
         check_receive(self, closed=self._closed, max_messages=max_messages)
+        return self._receive_after(self._take(max_messages), timeout_s, max_messages)
+
+    def ack_and_receive(self, acks: Sequence[Delivery], timeout_s: float, *, max_messages: int = 1) -> list[Delivery]:
+        """``ack_many(acks)`` and a receive in one write (the ack scripts run first); see
+        taskframe.broker.AcksWithReceive. On a cluster: the two steps."""
+        check_receive(self, closed=self._closed, max_messages=max_messages)
+        if not self._one_server or not acks:
+            self.ack_many(acks)
+            return self.receive(timeout_s, max_messages=max_messages)
+        return self._receive_after(self._lease(max_messages, acks=acks), timeout_s, max_messages)
+
+    def _receive_after(self, first: tuple[list[Delivery], int], timeout_s: float, max_messages: int) -> list[Delivery]:
+        """What ``receive`` returns, given the result of its first take."""
         deadline = time.monotonic() + max(timeout_s, 0.0)
-        deliveries, wait_ms = self._take(max_messages)
+        deliveries, wait_ms = first
         while not deliveries:
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
@@ -1122,15 +1135,21 @@ class RedisConsumer:
             deliveries, wait_ms = self._block_then_take(min(remaining_s, self._block_max_s), max_messages)
         return deliveries
 
-    def _lease(self, limit: int, *, block_s: float | None = None) -> tuple[list[Delivery], int]:
+    def _lease(
+        self, limit: int, *, block_s: float | None = None, acks: Sequence[Delivery] = ()
+    ) -> tuple[list[Delivery], int]:
         """One script: promote what is due, lease up to ``limit``; returns (deliveries, wait_ms).
-        With ``block_s``, the script waits behind a BZPOPMIN of the wake-up tokens (one write)."""
+        With ``block_s``, the script waits behind a BZPOPMIN of the wake-up tokens; with
+        ``acks``, it follows their ack scripts (one write either way)."""
         broker = self.broker
         token = f"{self.id}.{next(self._receipts)}"
         args = (limit, round(broker.visibility_timeout_s * 1000), broker.max_deliveries, token, PROMOTE_BATCH)
         try:
             conn = broker._connection()
-            if block_s is None:
+            if acks:
+                calls = [*self._ack_calls(acks), ("receive", self._keys, args)]
+                wait_ms, buried, leased = conn.run_many(calls)[-1]
+            elif block_s is None:
                 wait_ms, buried, leased = conn.run("receive", self._keys, args)
             else:
                 assert isinstance(conn, _Connection)
@@ -1142,7 +1161,7 @@ class RedisConsumer:
     def _block_then_take(self, block_s: float, limit: int) -> tuple[list[Delivery], int]:
         """Wait for a wake-up (or ``block_s``), then take: pipelined on a standalone Redis,
         two steps on a cluster (the queues' keys may live on other nodes than the tokens)."""
-        if self._block_pipelined:
+        if self._one_server:
             return self._lease(limit, block_s=block_s)
         self._block(block_s)
         return self._take(limit)
@@ -1226,17 +1245,20 @@ class RedisConsumer:
 
     def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """Ack ``deliveries`` in one round trip: one script per queue (and CHUNK deliveries)."""
+        calls = self._ack_calls(deliveries)
+        if calls:
+            self.broker._run_many("ack", calls)
+
+    def _ack_calls(self, deliveries: Sequence[Delivery]) -> list[tuple[str, Sequence[bytes], Sequence[Any]]]:
         by_queue: dict[str, list[str]] = {}
         for delivery in deliveries:
             queue, message_id, token = delivery.tag
             by_queue.setdefault(queue, []).extend((message_id, token))
-        calls = [
+        return [
             ("ack", self.broker.keys(queue, "ack"), pairs[i : i + 2 * CHUNK])
             for queue, pairs in by_queue.items()
             for i in range(0, len(pairs), 2 * CHUNK)
         ]
-        if calls:
-            self.broker._run_many("ack", calls)
 
     def nack(self, delivery: Delivery, *, requeue: bool, reason: str = "", delay_s: float = 0.0) -> None:
         queue, message_id, token = delivery.tag

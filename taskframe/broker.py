@@ -226,6 +226,21 @@ class BatchAcker(Protocol):
     def ack_many(self, deliveries: Sequence[Delivery]) -> None: ...
 
 
+@runtime_checkable
+class AcksWithReceive(Protocol):
+    """Optional: a consumer that can ack a finished batch and receive the next in one round trip.
+
+    ``ack_and_receive(acks, t, max_messages=n)`` is ``ack_many(acks)`` then ``receive(t,
+    max_messages=n)``, with the acks applied first; the worker uses it for the acks of the
+    tasks that finished just before it asks for more. When it raises, the acks may not have
+    been applied: the caller acks them again (acks are idempotent).
+    """
+
+    def ack_and_receive(
+        self, acks: Sequence[Delivery], timeout_s: float, *, max_messages: int = 1
+    ) -> list[Delivery]: ...
+
+
 def ack_all(consumer: Consumer, deliveries: Sequence[Delivery]) -> None:
     """Ack ``deliveries``: one ``ack_many`` call where the consumer supports it, else one by one."""
     if not deliveries:

@@ -22,10 +22,10 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import states
-from .broker import Consumer, Delivery, ack_all
+from .broker import AcksWithReceive, Consumer, Delivery, ack_all
 from .exceptions import BackendError, BrokerConnectionError, BrokerError, TaskframeError
 from .execution import Executor, Outcome, discard, store_state
 from .pools import Job, SoloPool, WorkerTerminate, create_pool
@@ -82,6 +82,11 @@ class Worker:
         self._cold = threading.Event()
         self._consumer: Consumer | None = None
         self._pending: collections.deque[Job] = collections.deque()
+        # Acks of tasks that finished at the top of a pass, sent with the receive that follows
+        # (AcksWithReceive: one round trip for both); flushed before anything that takes time.
+        self._acks_due: list[Delivery] = []
+        self._defer_acks = False
+        self._acks_ride = False  # the consumer is an AcksWithReceive (known once per consumer)
         self._held: dict[int, Job] = {}  # id(delivery) -> job, every message whose lease we keep
         self._held_lock = threading.Lock()
         self._to_terminate: set[str] = set()
@@ -98,6 +103,7 @@ class Worker:
             self._install_signal_handlers()
         try:
             self._consumer = self._connect()
+            self._acks_ride = isinstance(self._consumer, AcksWithReceive)
         except BrokerError as exc:
             log.error("%s", mask_url(str(exc)))
             return 1
@@ -183,12 +189,19 @@ class Worker:
     # -- the loop ----------------------------------------------------------------------------
 
     def _run_once(self) -> None:
-        self._finish(self.pool.collect(0))
-        self._finish(self.pool.enforce_limits())
+        self._defer_acks = self._acks_ride
+        try:
+            self._finish(self.pool.collect(0))
+            self._finish(self.pool.enforce_limits())
+        finally:
+            self._defer_acks = False
+        if self._pending or self._to_terminate:
+            self._flush_acks()  # a solo pool runs tasks right here: their acks must not wait
         self._terminate_revoked()
         self._dispatch_pending()
         room = self.concurrency + self.prefetch - len(self._held)
         if room <= 0:
+            self._flush_acks()
             self._finish(self.pool.collect(BUSY_RECEIVE_S))
             return
         # A burst worker only needs to learn that nothing is ready; waiting longer would
@@ -225,13 +238,28 @@ class Worker:
             return False
 
     def _receive(self, timeout_s: float, max_messages: int) -> list[Delivery] | None:
-        assert self._consumer is not None
+        consumer = self._consumer
+        assert consumer is not None
+        acks, self._acks_due = self._acks_due, []
         try:
-            return self._consumer.receive(timeout_s, max_messages=max_messages)
+            if acks and self._acks_ride:
+                riding = cast(AcksWithReceive, consumer)  # checked once per consumer: isinstance is slow
+                return riding.ack_and_receive(acks, timeout_s, max_messages=max_messages)
+            return consumer.receive(timeout_s, max_messages=max_messages)
         except BrokerConnectionError as exc:
             log.warning("lost the broker connection (%s); reconnecting", mask_url(str(exc)))
             self._reconnect()
+            self._ack(acks)  # through the new consumer (acks are idempotent)
             return None
+        except BrokerError:
+            if not acks:
+                raise
+            self._ack(acks)  # settles them the careful way (one by one, logged if refused)
+            return None
+
+    def _flush_acks(self) -> None:
+        acks, self._acks_due = self._acks_due, []
+        self._ack(acks)
 
     def _reconnect(self) -> None:
         # Messages held now keep their leases only if the new consumer can renew them; if
@@ -243,6 +271,7 @@ class Worker:
         while not self._stop.is_set():
             try:
                 self._consumer = self.app.broker.consumer(self.queues, prefetch=self.concurrency + self.prefetch)
+                self._acks_ride = isinstance(self._consumer, AcksWithReceive)
                 log.info("reconnected to the broker")
                 return
             except BrokerConnectionError as exc:
@@ -340,7 +369,10 @@ class Worker:
                     reason=outcome.reason,
                     delay_s=outcome.delay_s if outcome.action == "requeue" else 0.0,
                 )
-        self._ack(to_ack)
+        if self._defer_acks:
+            self._acks_due += to_ack
+        else:
+            self._ack(to_ack)
 
     def _ack(self, deliveries: Sequence[Delivery]) -> None:
         # A failed ack is retried once: the tasks already ran, and an unacked message would
@@ -468,6 +500,7 @@ class Worker:
     # -- shutdown ----------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        self._flush_acks()
         while self._pending:
             job = self._pending.popleft()
             with self._held_lock:

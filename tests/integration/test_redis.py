@@ -26,7 +26,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from taskframe.broker import QueueStats
+from taskframe.broker import Envelope, QueueStats
 from taskframe.exceptions import BackendError, BrokerConnectionError, ConfigurationError
 from taskframe.registry import create_backend, create_broker
 from taskframe.settings import Settings
@@ -334,6 +334,28 @@ def test_a_blocked_consumer_takes_a_message_published_after_redis_forgot_its_scr
         assert [d.envelope.task_id for d in got] == ["x"]
         assert time.monotonic() - started < 2.0  # woken by the publish, not by the timeout
         consumer.ack(got[0])
+        assert broker.stats(queue) == QueueStats(queue, ready=0, delayed=0, reserved=0, dead=0)
+    finally:
+        broker.close()
+        delete_keys(raw, f"taskframe:{{{queue}}}:*")
+
+
+def test_ack_and_receive_acks_the_finished_batch_and_leases_the_next(raw: redis.Redis) -> None:
+    # What a worker does between batches, in one write: the acks run first, then the receive.
+    broker = create_broker(URL, Settings(broker_url=URL))
+    queue = f"tf-int-{uuid.uuid4().hex[:8]}"
+    try:
+        for label in "abcd":
+            broker.publish(queue, Envelope(body=b"[]", headers={"id": label}))
+        consumer = broker.consumer([queue], prefetch=2)
+        first = consumer.receive(1.0, max_messages=2)
+        raw.script_flush()  # Redis forgot the scripts (a restart): both are loaded again
+
+        second = consumer.ack_and_receive(first, 1.0, max_messages=2)  # type: ignore[attr-defined]
+
+        assert [d.envelope.task_id for d in first + second] == ["a", "b", "c", "d"]
+        assert broker.stats(queue) == QueueStats(queue, ready=0, delayed=0, reserved=2, dead=0)
+        assert consumer.ack_and_receive(second, 0.05, max_messages=2) == []  # type: ignore[attr-defined]
         assert broker.stats(queue) == QueueStats(queue, ready=0, delayed=0, reserved=0, dead=0)
     finally:
         broker.close()
