@@ -79,9 +79,10 @@ def all_systems() -> dict[str, System]:
     from .celery_ import Celery
     from .dramatiq_ import Dramatiq
     from .huey_ import Huey, HueyNormal
+    from .raw_pika_ import RawPika
     from .raw_redis_ import RawRedis
     from .rq_ import RQ
     from .taskframe_ import Taskframe
 
-    systems: list[System] = [Taskframe(), RawRedis(), Huey(), HueyNormal(), Celery(), Dramatiq(), RQ()]
+    systems: list[System] = [Taskframe(), RawRedis(), RawPika(), Huey(), HueyNormal(), Celery(), Dramatiq(), RQ()]
     return {s.name: s for s in systems}
