@@ -7,7 +7,9 @@ URL
 
     redis://[[user]:password@]host[:port][/db][?socket_timeout=10&...]
     rediss://[[user]:password@]host[:port][/db][?ssl_cert_reqs=required&ssl_ca_certs=/path]
+    redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db][?...]
 
+(the last through Sentinel, as the broker: see ``taskframe.brokers.redis_wire``).
 Query parameters are redis-py's (``ConnectionPool.from_url``). ``backend_options`` may add
 ``key_prefix`` (default ``""``, prepended to every key and channel, like Celery's
 ``global_keyprefix``), ``socket_timeout`` (s, default 10), ``socket_connect_timeout`` (s,
@@ -90,9 +92,9 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 if TYPE_CHECKING:  # mypy reads the source tree, where the package is ``brokers``
-    from brokers.redis_wire import DirectLane, resp
+    from brokers.redis_wire import DirectLane, connection_pool, resp
 else:
-    from taskframe.brokers.redis_wire import DirectLane, resp
+    from taskframe.brokers.redis_wire import DirectLane, connection_pool, resp
 from taskframe.backend import READY_STATES, ChordJoin, ChordPart, ResultRecord, dump_json
 from taskframe.exceptions import BackendError, ConfigurationError
 from taskframe.settings import Settings, mask_url
@@ -414,7 +416,7 @@ class _ProcessState:
 
     def __init__(self, url: str, pool_kwargs: dict[str, Any], where: str) -> None:
         self.pid = os.getpid()
-        self.pool = redis.ConnectionPool.from_url(url, **pool_kwargs)
+        self.pool = connection_pool(url, **pool_kwargs)
         self.client = redis.Redis(connection_pool=self.pool)
         self.lane = DirectLane(self.pool)  # store and read on the hot path (see redis_wire)
         self.store_sha = hashlib.sha1(_STORE.encode()).hexdigest()
@@ -495,11 +497,12 @@ class RedisBackend:
             )
             raise ConfigurationError(msg)
         try:
-            redis.ConnectionPool.from_url(url)  # parse now: a bad URL fails at App(), not at first use
+            connection_pool(url)  # parse now: a bad URL fails at App(), not at first use
         except ValueError as exc:
-            msg = (
-                f"bad redis result backend URL {mask_url(url)!r}: {exc}; expected redis://[:password@]host[:port][/db]"
+            expected = (
+                "redis://[:password@]host[:port][/db] or redis+sentinel://host[:port][,host[:port]...]/service[/db]"
             )
+            msg = f"bad redis result backend URL {mask_url(url)!r}: {exc}; expected {expected}"
             raise ConfigurationError(msg) from None
 
     def __repr__(self) -> str:

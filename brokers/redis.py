@@ -7,7 +7,11 @@ Connection string
 
     redis://[[user]:password@]host[:port][/db][?socket_timeout=10&...]
     rediss://[[user]:password@]host[:port][/db][?ssl_cert_reqs=required&ssl_ca_certs=/path]
+    redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db][?...]
 
+The last finds the primary through Sentinel (``redis_wire.connection_pool``: the hosts are
+the Sentinels, port 26379 by default; a command that reaches a demoted primary fails as a
+lost connection, and callers reconnect to the new one).
 Query parameters are redis-py's (``ConnectionPool.from_url``), except ``cluster=true``.
 ``broker_options`` may add ``cluster`` (default False: see Redis Cluster below; the query
 parameter does the same), ``key_prefix`` (default ``"taskframe"``), ``socket_timeout`` (s, default 10),
@@ -167,7 +171,15 @@ from taskframe.broker import (
 from taskframe.exceptions import BrokerConnectionError, BrokerError, ConfigurationError, MessageError
 from taskframe.settings import mask_url
 
-from .redis_wire import GET_CONNECTION_ARGS, DirectLane, RawConnection, exchange, resp
+from .redis_wire import (
+    GET_CONNECTION_ARGS,
+    DirectLane,
+    RawConnection,
+    connection_pool,
+    exchange,
+    is_sentinel_url,
+    resp,
+)
 
 if TYPE_CHECKING:
     from taskframe.broker import Broker, Consumer
@@ -614,7 +626,7 @@ class _Connection(_ScriptPacker):
 
     def __init__(self, url: str, kwargs: dict[str, Any]) -> None:
         self.pid = os.getpid()
-        self.pool = redis.ConnectionPool.from_url(url, **kwargs)
+        self.pool = connection_pool(url, **kwargs)
         self.client = redis.Redis(connection_pool=self.pool)
         self.shas = {name: Script(self.client, source).sha for name, source in _SOURCES.items()}
         self._lane = DirectLane(self.pool)  # see redis_wire: a publish is one write, no pool
@@ -847,10 +859,16 @@ class RedisBroker:
         self._conn: _Connection | _ClusterConnection | None = None
         try:
             # Parse now: a bad URL fails at App(), not at first use.
-            parsed = redis.ConnectionPool.from_url(self._redis_url).connection_kwargs
+            parsed = connection_pool(self._redis_url).connection_kwargs
         except ValueError as exc:
-            msg = f"bad redis broker URL {mask_url(url)!r}: {exc}; expected redis://[:password@]host[:port][/db]"
+            expected = (
+                "redis://[:password@]host[:port][/db] or redis+sentinel://host[:port][,host[:port]...]/service[/db]"
+            )
+            msg = f"bad redis broker URL {mask_url(url)!r}: {exc}; expected {expected}"
             raise ConfigurationError(msg) from None
+        if self.cluster and is_sentinel_url(url):
+            msg = f"bad redis broker URL {mask_url(url)!r}: Sentinel and Redis Cluster do not go together; use one"
+            raise ConfigurationError(msg)
         if self.cluster and parsed.get("db", 0) != 0:
             msg = f"bad redis broker URL {mask_url(url)!r}: a Redis Cluster has only database 0; drop the /db part"
             raise ConfigurationError(msg)

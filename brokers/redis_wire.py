@@ -15,11 +15,18 @@ import inspect
 import threading
 import time
 from typing import Any, Protocol, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
+import redis.sentinel
 
 #: Seconds a connection may sit unused before it is checked (as redis-py's pool does) first.
 IDLE_CHECK_S = 1.0
+#: The scheme of a Redis found through Sentinel, and a Sentinel's default port.
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_PORT = 26379
+#: Query options of a Sentinel URL meant for the Sentinels themselves, not for Redis.
+_SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 
 
 class RawConnection(Protocol):
@@ -122,3 +129,57 @@ class DirectLane:
     def close(self) -> None:
         with self._own_lock:
             self._own.disconnect()
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower() == SENTINEL_SCHEME
+
+
+def connection_pool(url: str, **kwargs: Any) -> redis.ConnectionPool:
+    """redis-py's pool for ``url``: ``redis://``/``rediss://``/``unix://`` as redis-py reads
+    them, or a Redis found through Sentinel::
+
+        redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db][?options]
+
+    The hosts are the Sentinels (port 26379 unless given); the user and password, the
+    database and the options are the Redis server's, except ``sentinel_username`` and
+    ``sentinel_password`` (for Sentinels that require them). Every connection asks the
+    Sentinels for the current master when it connects, and one to a master that was demoted
+    fails (READONLY becomes a connection error), so callers reconnect to the new one as after
+    any lost connection. Raises ValueError for a malformed URL.
+    """
+    if not is_sentinel_url(url):
+        return redis.ConnectionPool.from_url(url, **kwargs)
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    sentinels = [_host_port(member) for member in hosts.split(",")]
+    service, _, db = parts.path.strip("/").partition("/")
+    if not service or "/" in db:
+        msg = "expected redis+sentinel://host[:port][,host[:port]...]/service_name[/db]"
+        raise ValueError(msg)
+    query = dict(parse_qsl(parts.query))
+    sentinel_kwargs = {name[len("sentinel_") :]: query.pop(name) for name in _SENTINEL_OPTIONS if name in query}
+    credentials = parts.netloc.rpartition("@")[0]
+    # redis-py parses the Redis part (user, password, db, typed options) from an equivalent URL.
+    plain = f"redis://{credentials + '@' if credentials else ''}sentinel/{db or 0}?{urlencode(query)}"
+    # The URL's options win over the caller's defaults, as in redis-py's from_url.
+    options = {**kwargs, **redis.connection.parse_url(plain)}  # type: ignore[no-untyped-call]
+    options.pop("host", None)
+    options.pop("port", None)
+    for name in ("socket_timeout", "socket_connect_timeout", "retry"):
+        if name in options:  # a Sentinel that does not answer must not hang the caller either
+            sentinel_kwargs.setdefault(name, options[name])
+    manager = redis.sentinel.Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    return redis.sentinel.SentinelConnectionPool(service, manager, **options)  # type: ignore[no-untyped-call]
+
+
+def _host_port(member: str) -> tuple[str, int]:
+    host, _, port = member.strip().rpartition(":") if ":" in member else (member.strip(), "", "")
+    if not host:
+        msg = f"a Sentinel host is missing in {member!r}"
+        raise ValueError(msg)
+    try:
+        return host, int(port) if port else SENTINEL_PORT
+    except ValueError:
+        msg = f"bad Sentinel port in {member!r}"
+        raise ValueError(msg) from None

@@ -87,6 +87,7 @@ class Worker:
         self._acks_due: list[Delivery] = []
         self._defer_acks = False
         self._acks_ride = False  # the consumer is an AcksWithReceive (known once per consumer)
+        self._reconnected_at = -RECONNECT_DELAY_S  # time.monotonic() of the last reconnect
         self._held: dict[int, Job] = {}  # id(delivery) -> job, every message whose lease we keep
         self._held_lock = threading.Lock()
         self._to_terminate: set[str] = set()
@@ -267,11 +268,18 @@ class Worker:
         with contextlib.suppress(Exception):
             assert self._consumer is not None
             self._consumer.close()
+        # A connection lost again right after a reconnect (a server that answers a ping but
+        # refuses the work, e.g. a demoted primary that Sentinel still names): pause first,
+        # instead of spinning and logging as fast as the server says no.
+        since_s = time.monotonic() - self._reconnected_at
+        if since_s < RECONNECT_DELAY_S:
+            self._stop.wait(RECONNECT_DELAY_S - since_s)
         delay_s = RECONNECT_DELAY_S
         while not self._stop.is_set():
             try:
                 self._consumer = self.app.broker.consumer(self.queues, prefetch=self.concurrency + self.prefetch)
                 self._acks_ride = isinstance(self._consumer, AcksWithReceive)
+                self._reconnected_at = time.monotonic()
                 log.info("reconnected to the broker")
                 return
             except BrokerConnectionError as exc:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests import db_services as db
-from tests import redis_service
+from tests import redis_sentinel_service, redis_service
 
 
 class ServiceUnavailable(Exception):
@@ -34,6 +34,12 @@ class BackendSpec:
     check: Callable[[], None] | None = None
     #: pytest marks, e.g. ``(pytest.mark.redis,)``, so ``-m "not redis"`` can leave it out.
     marks: tuple[pytest.MarkDecorator, ...] = field(default_factory=tuple)
+
+
+def _sentinel_check() -> None:
+    reason = redis_sentinel_service.unavailable()
+    if reason:
+        raise ServiceUnavailable(reason)
 
 
 BACKENDS: list[BackendSpec] = [
@@ -79,6 +85,13 @@ BACKENDS: list[BackendSpec] = [
         lambda tmp_path: redis_service.url(redis_service.BACKEND_DB),
         crosses_processes=True,
         check=lambda: redis_service.check(ServiceUnavailable),
+    ),
+    # The same backend through Redis Sentinel (tests/redis_sentinel_service.py, database 1).
+    BackendSpec(
+        "redis-sentinel",
+        lambda tmp_path: redis_sentinel_service.url(db=1),
+        crosses_processes=True,
+        check=_sentinel_check,
     ),
 ]
 

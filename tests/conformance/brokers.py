@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests import rabbitmq_service, redis_cluster_service, redis_service
+from tests import rabbitmq_service, redis_cluster_service, redis_sentinel_service, redis_service
 from tests.conformance import sqs_server
 
 #: The Redis database of the kombu+redis entry (see BROKERS).
@@ -77,6 +77,14 @@ BROKERS: list[BrokerSpec] = [
         lambda tmp_path: redis_cluster_service.url(),
         crosses_processes=True,
         unavailable=redis_cluster_service.unavailable,
+    ),
+    # The same adapter through Redis Sentinel (redis+sentinel://): a primary, a replica and a
+    # Sentinel of this session (tests/redis_sentinel_service.py, started on first use).
+    BrokerSpec(
+        "redis-sentinel",
+        lambda tmp_path: redis_sentinel_service.url(),
+        crosses_processes=True,
+        unavailable=redis_sentinel_service.unavailable,
     ),
     # SQS: one moto_server per session (tests/conformance/sqs_server.py); a queue prefix per URL.
     # SQS counts visibility and delays in whole seconds: a 0.3-s delay (1 s on SQS) must end before
