@@ -63,12 +63,12 @@ class LocalCluster:
                 ]  # fmt: skip
                 self.processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             for port in self.ports:
-                _wait_until(lambda port=port: _answers(port), f"redis-server on port {port} to answer")  # type: ignore[misc]
+                wait_until(lambda port=port: answers(port), f"redis-server on port {port} to answer")  # type: ignore[misc]
             nodes = [f"127.0.0.1:{port}" for port in self.ports]
             create = ["redis-cli", "--cluster", "create", *nodes, "--cluster-yes"]
             subprocess.run(create, check=True, capture_output=True, timeout=60)
             for port in self.ports:
-                _wait_until(lambda port=port: _cluster_ok(port), f"cluster_state:ok on port {port}")  # type: ignore[misc]
+                wait_until(lambda port=port: _cluster_ok(port), f"cluster_state:ok on port {port}")  # type: ignore[misc]
         except BaseException:
             self.stop()
             raise
@@ -119,7 +119,8 @@ def _free_port(taken: list[int]) -> int:
         return port
 
 
-def _answers(port: int) -> bool:
+def answers(port: int) -> bool:
+    """Whether a redis-server on 127.0.0.1:``port`` answers a PING."""
     with contextlib.suppress(redis.exceptions.RedisError), redis.Redis(port=port) as client:
         return bool(client.ping())
     return False
@@ -131,7 +132,8 @@ def _cluster_ok(port: int) -> bool:
     return bool(info.get("cluster_state") == "ok")
 
 
-def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    """Poll ``condition`` every 50 ms; AssertionError naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():

@@ -15,11 +15,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
+
+from tests.redis_cluster_service import answers, wait_until
 
 SERVICE = "tfmaster"
 HOW_TO_GET = "redis-server is needed for the Redis Sentinel tests: apt-get install redis-server"
@@ -56,8 +56,8 @@ class LocalSentinel:
             )
             command = ["redis-server", str(config), "--sentinel"]
             self.processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            _wait_until(lambda: self._replica_in_sync(), "the replica to sync with the primary")
-            _wait_until(lambda: self._sentinel_sees_replica(), "the Sentinel to find the replica")
+            wait_until(lambda: self._replica_in_sync(), "the replica to sync with the primary")
+            wait_until(lambda: self._sentinel_sees_replica(), "the Sentinel to find the replica")
         except BaseException:
             self.stop()
             raise
@@ -74,9 +74,9 @@ class LocalSentinel:
         before = self.primary()
         with redis.Redis(port=self.sentinel_port) as sentinel:
             sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
-        _wait_until(lambda: self.primary() != before, "the Sentinel to name a new primary")
+        wait_until(lambda: self.primary() != before, "the Sentinel to name a new primary")
         host, port = self.primary()
-        _wait_until(lambda: _role(port) == "master", f"redis on port {port} to become primary")
+        wait_until(lambda: _role(port) == "master", f"redis on port {port} to become primary")
 
     def stop(self) -> None:
         for process in self.processes:
@@ -97,7 +97,7 @@ class LocalSentinel:
             *extra,
         ]  # fmt: skip
         self.processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait_until(lambda: _answers(port), f"redis-server on port {port} to answer")
+        wait_until(lambda: answers(port), f"redis-server on port {port} to answer")
 
     def _replica_in_sync(self) -> bool:
         with redis.Redis(port=self.replica_port, decode_responses=True) as replica:
@@ -153,22 +153,7 @@ def _free_ports(count: int) -> list[int]:
             probe.close()
 
 
-def _answers(port: int) -> bool:
-    with contextlib.suppress(redis.exceptions.RedisError), redis.Redis(port=port) as client:
-        return bool(client.ping())
-    return False
-
-
 def _role(port: int) -> str:
     with contextlib.suppress(redis.exceptions.RedisError), redis.Redis(port=port, decode_responses=True) as client:
         return str(client.info("replication").get("role"))
     return ""
-
-
-def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
