@@ -995,8 +995,10 @@ class RedisBroker:
         # re-sends the same ids, which the receive script does not deliver twice.
         fresh: dict[tuple[str, int], list[bytes]] = {}
         delayed: list[tuple[str, Sequence[bytes], Sequence[Any]]] = []
-        for m in messages:
-            message_id, delay_ms = _message_id(m.priority), _delay_ms(m.delay_s)
+        randomness = os.urandom(16 * len(messages)).hex()  # one call: a batch's ids, 32 digits each
+        for i, m in enumerate(messages):
+            message_id = f"{check_priority(m.priority)}{randomness[32 * i : 32 * i + 32]}"
+            delay_ms = _delay_ms(m.delay_s)
             if delay_ms > 0:
                 args = (message_id, m.envelope.to_bytes(), delay_ms)
                 delayed.append(("publish", self.keys(m.queue, "publish"), args))

@@ -81,10 +81,12 @@ class AsyncResult(Generic[R]):
         parent: AsyncResult[Any] | None = None,
         task_name: str | None = None,
     ) -> None:
-        from .app import current_app
+        if app is None:
+            from .app import current_app  # here: app imports this module
 
+            app = current_app()
         self.id = id
-        self.app = app or current_app()
+        self.app = app
         self.parent = parent
         self.task_name = task_name
         self._ready_record: ResultRecord | None = None
