@@ -440,11 +440,18 @@ class SQLiteConsumer:
         return f"<SQLiteConsumer {self.id} of {self.queues} on {self.broker!r}>"
 
     def receive(self, timeout_s: float, *, max_messages: int = 1) -> list[Delivery]:
+        return self.ack_and_receive((), timeout_s, max_messages=max_messages)
+
+    def ack_and_receive(self, acks: Sequence[Delivery], timeout_s: float, *, max_messages: int = 1) -> list[Delivery]:
+        """``ack_many(acks)`` and a receive, the acks in the receive's first transaction (one
+        commit, one fsync, for both); see taskframe.broker.AcksWithReceive."""
         check_receive(self, closed=self._closed, max_messages=max_messages)
         deadline = time.monotonic() + max(timeout_s, 0.0)
+        acked = [d.tag for d in acks]
         try:
             while True:
-                deliveries, version, next_due = self._claim(max_messages)
+                deliveries, version, next_due = self._claim(max_messages, acked)
+                acked = []
                 if deliveries:
                     return deliveries
                 if not self._wait(deadline, version, next_due):
@@ -452,8 +459,9 @@ class SQLiteConsumer:
         except sqlite3.Error as exc:
             raise self.broker._error(exc, "receive") from exc
 
-    def _claim(self, limit: int) -> tuple[list[Delivery], int, float | None]:
-        """Lease up to ``limit`` ready messages in one write transaction.
+    def _claim(self, limit: int, acks: Sequence[Any] = ()) -> tuple[list[Delivery], int, float | None]:
+        """Lease up to ``limit`` ready messages in one write transaction (after acking the
+        ``acks`` tags in it).
 
         Returns the deliveries and, when there are none, this connection's data version
         and the earliest time a message of these queues becomes ready, both read in the
@@ -463,6 +471,8 @@ class SQLiteConsumer:
         token = f"{self.id}.{next(self._receipts)}"
         deliveries: list[Delivery] = []
         with _transaction(conn):
+            if acks:
+                conn.executemany(_ACK, acks)
             while not deliveries:
                 now = time.time()
                 rows = conn.execute(self._ready_sql, {**self._queue_params, "now": now, "limit": limit}).fetchall()

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from taskframe.broker import Broker, Consumer, Delivery, Envelope, OutgoingMessage
+from taskframe.broker import AcksWithReceive, Broker, Consumer, Delivery, Envelope, OutgoingMessage
 from taskframe.exceptions import BrokerError, ConfigurationError
 from taskframe.registry import create_broker
 from taskframe.settings import Settings
@@ -145,6 +145,27 @@ def test_ack_removes_the_message(broker: Broker, queue: str) -> None:
 
     assert counts(broker, queue) == (0, 0, 0, 0)
     assert consumer.receive(0.1) == []
+
+
+def test_ack_and_receive_acks_the_batch_then_leases_the_next(broker: Broker, queue: str) -> None:
+    # The optional AcksWithReceive (taskframe.broker): what a worker does between batches.
+    consumer = broker.consumer([queue], prefetch=2)
+    if not isinstance(consumer, AcksWithReceive):
+        pytest.skip(f"{type(consumer).__name__} has no ack_and_receive (optional)")
+    for label in "abc":
+        broker.publish(queue, message(label))
+    first = consumer.receive(3.0, max_messages=2)
+    assert len(first) == 2
+
+    second = consumer.ack_and_receive(first, 3.0, max_messages=2)
+
+    assert sorted(labels(first + second)) == ["a", "b", "c"]
+    assert counts(broker, queue) == (0, 0, 1, 0)  # the first batch is gone, "c" is leased
+    started = time.monotonic()
+    assert consumer.ack_and_receive(second, 0.2, max_messages=2) == []  # waits like receive
+    assert time.monotonic() - started >= 0.15
+    assert counts(broker, queue) == (0, 0, 0, 0)
+    assert consumer.ack_and_receive([], 0.0) == []
 
 
 def test_publish_many(broker: Broker, queue: str) -> None:
