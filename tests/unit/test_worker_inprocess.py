@@ -524,3 +524,20 @@ def test_a_batch_ack_lost_to_the_connection_is_retried(app: App, monkeypatch: py
     assert lost and lost[0] > 1  # a real batch was lost, then sent again
     stats = app.broker.stats("celery")
     assert (stats.ready, stats.reserved, stats.dead) == (0, 0, 0)
+
+
+def test_a_finished_task_is_acked_while_another_still_runs(app: App) -> None:
+    # The acks of finished tasks ride with the worker's next receive (AcksWithReceive): they
+    # must not wait for a task still running in the pool, nor for the queue to get new work.
+    broker = app.broker
+    queue = app.conf.default_queue
+    with start_worker(app, concurrency=2):
+        long_running = app.tasks["t.progress"].delay(1.5)
+        quick = app.tasks["t.add"].delay(1, 1)
+        assert quick.get(timeout=5) == 2
+        deadline = time.monotonic() + 0.5
+        while broker.stats(queue).reserved > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert broker.stats(queue).reserved == 1  # only the running one is still held
+        assert long_running.get(timeout=5) == "done"
+    assert broker.stats(queue).reserved == 0
