@@ -74,11 +74,7 @@ class LocalCluster:
             raise
 
     def stop(self) -> None:
-        for process in self.processes:
-            process.kill()
-        for process in self.processes:
-            process.wait(timeout=10)
-        self.processes.clear()
+        kill_all(self.processes)
 
 
 _session: LocalCluster | None = None
@@ -117,6 +113,15 @@ def _free_port(taken: list[int]) -> int:
         except OSError:
             continue
         return port
+
+
+def kill_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    """Kill the servers a test started, wait for them, and forget them."""
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.wait(timeout=10)
+    processes.clear()
 
 
 def answers(port: int) -> bool:

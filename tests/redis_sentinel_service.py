@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis
 
-from tests.redis_cluster_service import answers, wait_until
+from tests.redis_cluster_service import answers, kill_all, wait_until
 
 SERVICE = "tfmaster"
 HOW_TO_GET = "redis-server is needed for the Redis Sentinel tests: apt-get install redis-server"
@@ -79,11 +79,7 @@ class LocalSentinel:
         wait_until(lambda: _role(port) == "master", f"redis on port {port} to become primary")
 
     def stop(self) -> None:
-        for process in self.processes:
-            process.kill()
-        for process in self.processes:
-            process.wait(timeout=10)
-        self.processes.clear()
+        kill_all(self.processes)
 
     def _server(self, port: int, *extra: str) -> None:
         command = [

@@ -15,16 +15,13 @@ import json
 from typing import Any
 
 import pika
-import redis
 
-from benchmarks.common import AMQP_URL, BenchEnv
+from benchmarks.apps.raw_redis_app import ENV, noop, store_result
+from benchmarks.apps.raw_redis_app import client as results_client
+from benchmarks.common import AMQP_URL
 
-ENV = BenchEnv.from_environ()
-COUNTER = ENV.counter()
 #: The queue the producer publishes to and the worker consumes from.
 QUEUE = ENV.queue or "raw-bench"
-#: Seconds a stored result is kept.
-RESULT_TTL_S = 3600
 #: Unacked deliveries the worker may hold (a solo taskframe worker: 1 slot + worker_prefetch 4).
 PREFETCH = 5
 #: Persistent, as taskframe and Celery publish.
@@ -42,29 +39,15 @@ def channel() -> Any:
     return opened
 
 
-def results() -> redis.Redis:
-    return redis.Redis.from_url(ENV.redis_url)
-
-
-def noop(x: int, y: int) -> int:
-    COUNTER.incr()
-    return x + y
-
-
 def main() -> None:
     consuming = channel()
     consuming.basic_qos(prefetch_count=PREFETCH)
-    store = results()
+    store = results_client()
     for method, _properties, body in consuming.consume(QUEUE):
         message = json.loads(body)
         value = noop(*message["args"])
         if ENV.results:
-            encoded = json.dumps({"status": "SUCCESS", "result": value})
-            pipe = store.pipeline(transaction=False)
-            pipe.set(f"raw:result:{message['id']}", encoded, ex=RESULT_TTL_S)
-            pipe.lpush(f"raw:reply:{message['id']}", encoded)
-            pipe.expire(f"raw:reply:{message['id']}", RESULT_TTL_S)
-            pipe.execute()
+            store_result(store, message["id"], value)
         consuming.basic_ack(method.delivery_tag)
 
 

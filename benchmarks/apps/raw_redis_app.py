@@ -40,12 +40,17 @@ def main() -> None:
         message = json.loads(popped[1])
         value = noop(*message["args"])
         if ENV.results:
-            encoded = json.dumps({"status": "SUCCESS", "result": value})
-            pipe = connection.pipeline(transaction=False)
-            pipe.set(f"raw:result:{message['id']}", encoded, ex=RESULT_TTL_S)
-            pipe.lpush(f"raw:reply:{message['id']}", encoded)
-            pipe.expire(f"raw:reply:{message['id']}", RESULT_TTL_S)
-            pipe.execute()
+            store_result(connection, message["id"], value)
+
+
+def store_result(connection: redis.Redis, task_id: str, value: int) -> None:
+    """SET the result under the id and LPUSH it to the reply list a round trip waits on."""
+    encoded = json.dumps({"status": "SUCCESS", "result": value})
+    pipe = connection.pipeline(transaction=False)
+    pipe.set(f"raw:result:{task_id}", encoded, ex=RESULT_TTL_S)
+    pipe.lpush(f"raw:reply:{task_id}", encoded)
+    pipe.expire(f"raw:reply:{task_id}", RESULT_TTL_S)
+    pipe.execute()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ class RawPika(System):
         self.confirmed.confirm_delivery()
         self.transacted = self.app.channel()
         self.transacted.tx_select()
-        self.replies = self.app.results()
+        self.replies = self.app.results_client()
 
     def worker_command(self, env: BenchEnv) -> list[str]:
         return [sys.executable, "-m", self.app_module]
