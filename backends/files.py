@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import secrets
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -52,7 +51,7 @@ from contextlib import contextmanager, suppress
 from typing import Any, ClassVar
 from urllib.parse import quote, unquote
 
-from taskframe.backend import READY_STATES, ResultRecord, dump_json, poll_until_ready
+from taskframe.backend import READY_STATES, ExpirySweeper, ResultRecord, dump_json, poll_until_ready
 from taskframe.exceptions import BackendError, ConfigurationError
 from taskframe.settings import Settings, mask_url
 
@@ -106,9 +105,9 @@ class FileBackend:
         self._counters_dir = os.path.join(self._root, "counters")
         self._locks_dir = os.path.join(self._root, "locks")
         self._dirs_ready = False
-        self._sweep_pid = os.getpid()
-        self._sweep_lock = threading.Lock()
-        self._next_sweep_at = time.monotonic()
+        self._sweeper = ExpirySweeper(
+            self._sweep, interval_s=SWEEP_INTERVAL_S, retry_s=SWEEP_RETRY_S, budget_s=SWEEP_BUDGET_S
+        )
         self._sweep_offsets: dict[str, int] = {}
 
     def __repr__(self) -> str:
@@ -195,27 +194,10 @@ class FileBackend:
 
     def purge_expired(self, *, budget_s: float = SWEEP_BUDGET_S) -> int:
         """Remove expired files for about ``budget_s`` seconds; return how many."""
-        removed, _finished = self._sweep(time.monotonic() + budget_s)
-        return removed
+        return self._sweeper.purge(budget_s)
 
     def _maybe_sweep(self) -> None:
-        if self._sweep_pid != os.getpid():
-            # Forked: the parent's sweep lock may have been held at fork time.
-            self._sweep_lock = threading.Lock()
-            self._sweep_pid = os.getpid()
-        if time.monotonic() < self._next_sweep_at or not self._sweep_lock.acquire(blocking=False):
-            return
-        delay_s = SWEEP_INTERVAL_S
-        try:
-            _removed, finished = self._sweep(time.monotonic() + SWEEP_BUDGET_S)
-            if not finished:
-                delay_s = SWEEP_RETRY_S
-        except BackendError as exc:
-            # The write that triggered the sweep succeeded; it must not fail because of it.
-            log.warning("%s; will try again in %.0fs", exc, delay_s)
-        finally:
-            self._next_sweep_at = time.monotonic() + delay_s
-            self._sweep_lock.release()
+        self._sweeper.maybe_sweep()
 
     def _sweep(self, deadline: float) -> tuple[int, bool]:
         """Return (files removed, whether every directory was read to its end)."""

@@ -77,7 +77,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
-from taskframe.backend import READY_STATES, ResultRecord, dump_json, poll_until_ready
+from taskframe.backend import READY_STATES, ExpirySweeper, ResultRecord, dump_json, poll_until_ready
 from taskframe.exceptions import BackendError, ConfigurationError
 from taskframe.settings import Settings, mask_url
 
@@ -232,8 +232,6 @@ class _ProcessState:
         self.lock = threading.Lock()
         self.schema_ready = False
         self.listener: _Listener | None = None
-        self.sweep_lock = threading.Lock()
-        self.next_sweep_at = time.monotonic()
 
 
 # -- the backend ------------------------------------------------------------------------------
@@ -257,6 +255,9 @@ class SQLBackend:
         self._url = _sqlalchemy_url(url)
         self._shown = mask_url(url)
         self._state = _ProcessState(self._create_engine())
+        self._sweeper = ExpirySweeper(
+            self._sweep, interval_s=SWEEP_INTERVAL_S, retry_s=SWEEP_RETRY_S, budget_s=SWEEP_BUDGET_S
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._shown!r})"
@@ -353,24 +354,10 @@ class SQLBackend:
 
     def purge_expired(self, *, budget_s: float = SWEEP_BUDGET_S) -> int:
         """Delete expired rows in short batches for about ``budget_s``; return how many."""
-        removed, _finished = self._sweep(time.monotonic() + budget_s)
-        return removed
+        return self._sweeper.purge(budget_s)
 
     def _maybe_sweep(self) -> None:
-        state = self._process_state()
-        if time.monotonic() < state.next_sweep_at or not state.sweep_lock.acquire(blocking=False):
-            return
-        delay_s = SWEEP_INTERVAL_S
-        try:
-            _removed, finished = self._sweep(time.monotonic() + SWEEP_BUDGET_S)
-            if not finished:
-                delay_s = SWEEP_RETRY_S
-        except BackendError as exc:
-            # The write that triggered the sweep succeeded; it must not fail because of it.
-            log.warning("%s; will try again in %.0fs", exc, delay_s)
-        finally:
-            state.next_sweep_at = time.monotonic() + delay_s
-            state.sweep_lock.release()
+        self._sweeper.maybe_sweep()
 
     def _sweep(self, deadline: float) -> tuple[int, bool]:
         """Return (rows removed, whether every expired row is gone)."""

@@ -34,7 +34,6 @@ for another connection's write lock before failing with :class:`BackendError`.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sqlite3
 import threading
@@ -44,12 +43,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
-from taskframe.backend import READY_STATES, ResultRecord, dump_json, poll_until_ready
+from taskframe.backend import READY_STATES, ExpirySweeper, ResultRecord, dump_json, poll_until_ready
 from taskframe.exceptions import BackendError, ConfigurationError
 from taskframe.settings import Settings
 from taskframe.urls import sqlite_path
-
-log = logging.getLogger(__name__)
 
 #: Version of the tables this module writes; a file with a higher one came from a newer taskframe.
 SCHEMA_VERSION = 1
@@ -152,8 +149,6 @@ class _ProcessState:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.holders: weakref.WeakSet[_Holder] = weakref.WeakSet()
-        self.sweep_lock = threading.Lock()
-        self.next_sweep_at = time.monotonic()
 
 
 class SQLiteBackend:
@@ -166,6 +161,9 @@ class SQLiteBackend:
         self._busy_timeout_s = _busy_timeout_s(conf.backend_options)
         self._local = threading.local()
         self._state = _ProcessState()
+        self._sweeper = ExpirySweeper(
+            self._sweep, interval_s=SWEEP_INTERVAL_S, retry_s=SWEEP_RETRY_S, budget_s=SWEEP_BUDGET_S
+        )
 
     def __repr__(self) -> str:
         return f"SQLiteBackend({self._path!r})"
@@ -243,24 +241,10 @@ class SQLiteBackend:
 
     def purge_expired(self, *, budget_s: float = SWEEP_BUDGET_S) -> int:
         """Delete expired rows in short batches for about ``budget_s``; return how many."""
-        removed, _finished = self._sweep(time.monotonic() + budget_s)
-        return removed
+        return self._sweeper.purge(budget_s)
 
     def _maybe_sweep(self) -> None:
-        state = self._process_state()
-        if time.monotonic() < state.next_sweep_at or not state.sweep_lock.acquire(blocking=False):
-            return
-        delay_s = SWEEP_INTERVAL_S
-        try:
-            _removed, finished = self._sweep(time.monotonic() + SWEEP_BUDGET_S)
-            if not finished:
-                delay_s = SWEEP_RETRY_S
-        except BackendError as exc:
-            # The write that triggered the sweep succeeded; it must not fail because of it.
-            log.warning("%s; will try again in %.0fs", exc, delay_s)
-        finally:
-            state.next_sweep_at = time.monotonic() + delay_s
-            state.sweep_lock.release()
+        self._sweeper.maybe_sweep()
 
     def _sweep(self, deadline: float) -> tuple[int, bool]:
         """Return (rows removed, whether every expired row is gone)."""

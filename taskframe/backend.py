@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -234,3 +238,49 @@ def poll_until_ready(
             return None
         time.sleep(min(interval, remaining))
         interval = min(interval * 1.5, max_interval_s)
+
+
+_expiry_log = logging.getLogger("taskframe.backends")
+
+
+class ExpirySweeper:
+    """When a backend that deletes its own expired entries sweeps them: on the back of its
+    writes (:meth:`maybe_sweep`), at most one sweep at a time per process (a thread that finds
+    one running goes on), one every ``interval_s``, and again after ``retry_s`` when the last
+    one ran out of its ``budget_s`` with entries left.
+
+    ``sweep(deadline)`` deletes until ``time.monotonic()`` reaches ``deadline`` and returns
+    (entries removed, whether none is left). A sweep that fails is logged, not raised: the
+    write that triggered it succeeded. Fork-safe: a child makes its own lock.
+    """
+
+    def __init__(
+        self, sweep: Callable[[float], tuple[int, bool]], *, interval_s: float, retry_s: float, budget_s: float
+    ) -> None:
+        self._sweep = sweep
+        self.interval_s, self.retry_s, self.budget_s = interval_s, retry_s, budget_s
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        #: time.monotonic() after which the next write sweeps (now: the first write does).
+        self.next_at = time.monotonic()
+
+    def maybe_sweep(self) -> None:
+        if self._pid != os.getpid():  # forked: the parent's lock may have been held at fork time
+            self._lock, self._pid = threading.Lock(), os.getpid()
+        if time.monotonic() < self.next_at or not self._lock.acquire(blocking=False):
+            return
+        delay_s = self.interval_s
+        try:
+            _removed, finished = self._sweep(time.monotonic() + self.budget_s)
+            if not finished:
+                delay_s = self.retry_s
+        except BackendError as exc:
+            _expiry_log.warning("%s; will try again in %.0fs", exc, delay_s)
+        finally:
+            self.next_at = time.monotonic() + delay_s
+            self._lock.release()
+
+    def purge(self, budget_s: float) -> int:
+        """Sweep now for about ``budget_s``; how many entries were removed."""
+        removed, _finished = self._sweep(time.monotonic() + budget_s)
+        return removed

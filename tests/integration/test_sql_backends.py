@@ -345,7 +345,7 @@ def test_sql_sweep_deletes_expired_rows_in_batches_and_runs_from_store(
     # And store() sweeps by itself once the interval has passed
     with backend._engine().begin() as conn:
         conn.execute(sa.insert(sql.kv), [{"key": "old-again", "value": "{}", "expires_at": past}])
-    backend._process_state().next_sweep_at = 0.0
+    backend._sweeper.next_at = 0.0
     task_id = new_id()
     backend.store(task_id, record(task_id, "SUCCESS"), ttl_s=60)
     with backend._engine().connect() as conn:
