@@ -241,6 +241,17 @@ class AcksWithReceive(Protocol):
     ) -> list[Delivery]: ...
 
 
+@runtime_checkable
+class FramePublisher(Protocol):
+    """Optional: a broker that keeps messages as their :meth:`Envelope.to_bytes` frames can
+    take a batch already framed: ``publish_frames({(queue, priority): [(task_id, frame), ...]})``
+    is ``publish_many`` of those envelopes with no delay, in order per queue and priority. The
+    App uses it for a ``send_many`` of plain calls, which it frames from a template without
+    building envelopes."""
+
+    def publish_frames(self, batches: Mapping[tuple[str, int], Sequence[tuple[str, bytes]]]) -> None: ...
+
+
 def ack_all(consumer: Consumer, deliveries: Sequence[Delivery]) -> None:
     """Ack ``deliveries``: one ``ack_many`` call where the consumer supports it, else one by one."""
     if not deliveries:

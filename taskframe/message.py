@@ -447,10 +447,25 @@ class MessageTemplate:
             headers[name] = make()
         properties = self.properties.copy()
         properties["correlation_id"] = task_id
+        return FramedEnvelope(
+            body.encode(),
+            headers,
+            properties,
+            self.content_type,
+            self.content_encoding,
+            frame=self._frame(task_id, body, argsrepr, kwargsrepr),
+        )
+
+    def frame(self, task_id: str, args: list[Any], kwargs: dict[str, Any], argsrepr: str, kwargsrepr: str) -> bytes:
+        """Only the bytes ``envelope(...).to_bytes()`` returns, for a broker that takes frames
+        (taskframe.broker.FramePublisher): no dicts, no envelope."""
+        return self._frame(task_id, f"{_json_text([args, kwargs])[:-1]},{self.embed_json}]", argsrepr, kwargsrepr)
+
+    def _frame(self, task_id: str, body: str, argsrepr: str, kwargsrepr: str) -> bytes:
         # One join of literal pieces (str.format would parse the whole frame for each message).
         p0, p1, p2, p3, p4, p5, p6 = self.frame_pieces
         literal_id = _ascii_literal(task_id)
-        frame = "".join(
+        return "".join(
             (
                 p0,
                 _ascii_literal(body),
@@ -466,10 +481,7 @@ class MessageTemplate:
                 literal_id,
                 p6,
             )
-        )
-        return FramedEnvelope(
-            body.encode(), headers, properties, self.content_type, self.content_encoding, frame=frame.encode()
-        )
+        ).encode()
 
 
 def message_template(

@@ -25,7 +25,15 @@ from typing import Any
 
 import pytest
 
-from taskframe.broker import AcksWithReceive, Broker, Consumer, Delivery, Envelope, OutgoingMessage
+from taskframe.broker import (
+    AcksWithReceive,
+    Broker,
+    Consumer,
+    Delivery,
+    Envelope,
+    FramePublisher,
+    OutgoingMessage,
+)
 from taskframe.exceptions import BrokerError, ConfigurationError
 from taskframe.registry import create_broker
 from taskframe.settings import Settings
@@ -188,6 +196,30 @@ def test_publish_many(broker: Broker, queue: str) -> None:
     else:  # no priority, and SQS standard queues promise no order either
         assert sorted(labels(deliveries)) == ["a", "b"]
     broker.purge(queue)
+    broker.purge(other)
+
+
+def test_publish_frames_delivers_the_envelopes_framed(broker: Broker, queue: str) -> None:
+    # The optional FramePublisher (taskframe.broker): envelopes given as their frames.
+    if not isinstance(broker, FramePublisher):
+        pytest.skip(f"{type(broker).__name__} has no publish_frames (optional)")
+    other = queue + "-other"
+    envelopes = {label: message(label) for label in ("a", "b", "c", "d")}
+
+    def frames(*labels: str) -> list[tuple[str, bytes]]:
+        return [(label, envelopes[label].to_bytes()) for label in labels]
+
+    broker.publish_frames({(queue, 4): frames("a", "b"), (queue, 9): frames("c"), (other, 4): frames("d")})
+
+    assert counts(broker, queue) == (3, 0, 0, 0)
+    deliveries = broker.consumer([queue], prefetch=5).receive(1.0, max_messages=5)
+    if type(broker).supports_priority:
+        assert labels(deliveries) == ["c", "a", "b"]
+    assert {d.envelope.task_id: d.envelope for d in deliveries} == {k: envelopes[k] for k in "abc"}
+    [d_other] = broker.consumer([other], prefetch=1).receive(1.0)
+    assert d_other.envelope == envelopes["d"]
+    with pytest.raises(ValueError, match="priority"):
+        broker.publish_frames({(queue, 10): frames("a")})
     broker.purge(other)
 
 

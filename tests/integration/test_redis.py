@@ -314,6 +314,59 @@ def test_a_publish_sent_twice_after_a_lost_reply_is_delivered_once(raw: redis.Re
         delete_keys(raw, f"taskframe:{{{queue}}}:*")
 
 
+def test_send_many_of_plain_calls_stores_what_the_general_path_frames(raw: redis.Redis) -> None:
+    # A send_many of plain calls is framed from each task's template and handed to the
+    # broker's publish_frames (no envelope built): Redis must hold the very bytes the general
+    # path (publish_many of each call's envelope) would have stored, in call order.
+    from taskframe import App
+
+    app = App("frames", broker=URL, backend=URL)
+    queue, other = (f"tf-int-{uuid.uuid4().hex[:8]}-{n}" for n in ("a", "b"))
+    app.conf.default_queue = queue
+
+    @app.task(name="frames.add")
+    def add(x: Any, y: Any = 0) -> Any:
+        return x
+
+    @app.task(name="frames.urgent", priority=9)
+    def urgent(x: Any) -> Any:
+        return x
+
+    calls: list[tuple[str, Any, Any, Any]] = [
+        ("frames.add", (1, 2), {}, {}),
+        ("frames.add", ('é"\\', [1.5, None]), {"y": {"k": True}}, {}),
+        ("frames.urgent", ((1, 2),), {}, {}),
+        ("frames.add", (), {"x": 2**70}, {"queue": other}),
+        ("frames.add", (3,), {}, {"task_id": "given-id"}),
+    ]
+    framed: list[Any] = []
+    publish_frames = app.broker.publish_frames  # type: ignore[attr-defined]
+    app.broker.publish_frames = lambda batches: (framed.append(batches), publish_frames(batches))  # type: ignore[attr-defined]
+    try:
+        results = app.send_many(calls)
+
+        assert len(framed) == 1  # the framed path, one write
+        assert results[4].id == "given-id"
+        stored: list[bytes] = []
+        for name, priority in ((queue, 4), (queue, 9), (other, 4)):
+            stored += raw.lrange(f"taskframe:{{{name}}}:new{priority}", 0, -1)
+        expected = []
+        for index in (0, 1, 4, 2, 3):  # by queue and priority, call order within each
+            name, args, kwargs, options = calls[index]
+            out, _ = app._general_outgoing(name, list(args), dict(kwargs), {**options, "task_id": results[index].id})
+            expected.append((str(out.priority), out.envelope.to_bytes()))
+        assert [(raw_message[:1].decode(), raw_message[33:]) for raw_message in stored] == expected
+        assert all(len(set(raw_message[1:33].decode()) - set("0123456789abcdef")) == 0 for raw_message in stored)
+        # A batch with one call that needs the general path (a countdown) takes it whole
+        app.send_many([("frames.add", (1,), {}, {}), ("frames.add", (2,), {}, {"countdown": 60})])
+        assert len(framed) == 1
+        assert app.broker.stats(queue).delayed == 1 and app.broker.stats(queue).ready == 5
+    finally:
+        app.close()
+        for name in (queue, other):
+            delete_keys(raw, f"taskframe:{{{name}}}:*")
+
+
 def test_a_blocked_consumer_takes_a_message_published_after_redis_forgot_its_scripts(raw: redis.Redis) -> None:
     # The receive script rides behind the BZPOPMIN of an idle consumer (one write): when Redis
     # lost its scripts meanwhile (a restart, SCRIPT FLUSH), the consumer loads them and takes.

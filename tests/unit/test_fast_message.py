@@ -8,6 +8,7 @@ import datetime
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -292,3 +293,37 @@ def test_new_task_ids_are_random_version_4_uuids() -> None:
     # Every other digit is random: each of the 16 values shows up at a free position.
     assert {text[0] for text in ids} == set("0123456789abcdef")
     assert {text[19] for text in ids} == set("89ab")
+
+
+def test_send_many_of_plain_calls_on_sqlite_stores_what_the_general_path_would(tmp_path: Path) -> None:
+    # The SQLite broker takes a send_many of plain calls already framed (FramePublisher):
+    # each row must hold the bytes and task id the general path's envelope would give.
+    import sqlite3
+
+    app = App("frames", broker=f"sqlite:///{tmp_path / 'broker.sqlite3'}", backend="memory://")
+
+    @app.task(name="frames.add")
+    def add(x: Any, y: Any = 0) -> Any:
+        return x
+
+    calls: list[tuple[str, Any, Any, Any]] = [
+        ("frames.add", (1, 2), {}, {}),
+        ("frames.add", ('é"\\', [1.5, None]), {"y": {"k": True}}, {"queue": "other"}),
+        ("frames.add", (3,), {}, {"task_id": "given-id"}),
+    ]
+    framed: list[Any] = []
+    publish_frames = app.broker.publish_frames  # type: ignore[attr-defined]
+    app.broker.publish_frames = lambda batches: (framed.append(batches), publish_frames(batches))  # type: ignore[attr-defined]
+    results = app.send_many(calls)
+
+    assert len(framed) == 1  # the framed path, one transaction
+    with sqlite3.connect(tmp_path / "broker.sqlite3") as conn:
+        rows = conn.execute("SELECT queue, priority, task_id, body FROM tf_messages ORDER BY id").fetchall()
+    conn.close()
+    expected = []
+    for (name, args, kwargs, options), result in zip(calls, results, strict=True):
+        out, _ = app._general_outgoing(name, list(args), dict(kwargs), {**options, "task_id": result.id})
+        expected.append((out.queue, out.priority, result.id, out.envelope.to_bytes()))
+    assert sorted(rows) == sorted(expected)
+    assert results[2].id == "given-id"
+    app.close()
