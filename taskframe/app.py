@@ -26,6 +26,7 @@ from .message import (
     field_defaults,
     message_template,
     new_task_id,
+    new_task_ids,
     utc_isoformat,
     wire_envelope,
 )
@@ -390,16 +391,24 @@ class App:
         batches: dict[tuple[str, int], list[tuple[str, bytes]]] = {}
         results: list[_Result[Any]] = []
         templates: dict[str, MessageTemplate | None] = {}
+        routes: dict[tuple[str, str | None], str] = {}
+        fresh_ids = iter(new_task_ids(len(calls)))
         for name, args, kwargs, options in calls:
             if options and not options.keys() <= _TEMPLATE_OPTIONS:
                 return None
             template = templates[name] if name in templates else templates.setdefault(name, self._template_for(name))
             if template is None or (kwargs and any(type(key) is not str for key in kwargs)):
                 return None
-            task_id = str(options.get("task_id") or new_task_id()) if options else new_task_id()
+            task_id = next(fresh_ids)
+            queue_option = None
+            if options:
+                task_id = str(options.get("task_id") or task_id)
+                queue_option = options.get("queue")
             arguments, keywords = list(args), dict(kwargs)
             frame = template.frame(task_id, arguments, keywords, _short_repr(tuple(arguments)), _short_repr(keywords))
-            queue = self.route(name, options.get("queue") if options else None)
+            queue = routes.get((name, queue_option))
+            if queue is None:
+                queue = routes[(name, queue_option)] = self.route(name, queue_option)
             batches.setdefault((queue, template.priority), []).append((task_id, frame))
             results.append(AsyncResult(task_id, self, task_name=name))
         if batches:

@@ -16,7 +16,7 @@ import pytest
 import taskframe.app as app_module
 from taskframe import App
 from taskframe.broker import Envelope, OutgoingMessage
-from taskframe.message import FramedEnvelope, Message, new_task_id
+from taskframe.message import FramedEnvelope, Message, new_task_id, new_task_ids
 from taskframe.serialization import json_dumps
 
 EMPTY_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -283,8 +283,9 @@ def test_a_framed_envelope_cannot_be_copied_with_stale_bytes(app: App) -> None:
         dataclasses.replace(out.envelope, body=b"[[2],{},{}]")
 
 
-def test_new_task_ids_are_random_version_4_uuids() -> None:
-    ids = [new_task_id() for _ in range(20_000)]
+@pytest.mark.parametrize("make", ["one at a time", "a batch"])
+def test_new_task_ids_are_random_version_4_uuids(make: str) -> None:
+    ids = [new_task_id() for _ in range(20_000)] if make == "one at a time" else new_task_ids(20_000)
     assert len(set(ids)) == len(ids)
     for text in ids:
         parsed = uuid.UUID(text)
