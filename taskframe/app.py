@@ -35,7 +35,7 @@ from .result import AsyncResult, GroupResult
 from .revocations import REVOKED_PREFIX, record_revoke
 from .serialization import get_serializer
 from .settings import Settings, load_settings
-from .task import note_child
+from .task import current_request, note_child
 
 if TYPE_CHECKING:
     from .backend import ResultBackend
@@ -404,8 +404,10 @@ class App:
             if options:
                 task_id = str(options.get("task_id") or task_id)
                 queue_option = options.get("queue")
-            arguments, keywords = list(args), dict(kwargs)
-            frame = template.frame(task_id, arguments, keywords, _short_repr(tuple(arguments)), _short_repr(keywords))
+            # JSON writes a tuple as a list, and the repr is of the tuple: no copies needed.
+            arguments = args if type(args) is tuple else tuple(args)
+            keywords = kwargs if type(kwargs) is dict else dict(kwargs)
+            frame = template.frame(task_id, arguments, keywords, _short_repr(arguments), _short_repr(keywords))
             queue = routes.get((name, queue_option))
             if queue is None:
                 queue = routes[(name, queue_option)] = self.route(name, queue_option)
@@ -413,8 +415,9 @@ class App:
             results.append(AsyncResult(task_id, self, task_name=name))
         if batches:
             broker.publish_frames(batches)
-        for result in results:
-            note_child(result.id)
+        if current_request.get() is not None:  # sent from inside a task: its children
+            for result in results:
+                note_child(result.id)
         return results
 
     # -- results and control -----------------------------------------------------------------

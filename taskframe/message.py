@@ -16,7 +16,7 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from json import encoder as json_encoder
 from typing import Any, cast
@@ -465,7 +465,9 @@ class MessageTemplate:
             frame=self._frame(task_id, body, argsrepr, kwargsrepr),
         )
 
-    def frame(self, task_id: str, args: list[Any], kwargs: dict[str, Any], argsrepr: str, kwargsrepr: str) -> bytes:
+    def frame(
+        self, task_id: str, args: Sequence[Any], kwargs: Mapping[str, Any], argsrepr: str, kwargsrepr: str
+    ) -> bytes:
         """Only the bytes ``envelope(...).to_bytes()`` returns, for a broker that takes frames
         (taskframe.broker.FramePublisher): no dicts, no envelope."""
         return self._frame(task_id, f"{_json_text([args, kwargs])[:-1]},{self.embed_json}]", argsrepr, kwargsrepr)
