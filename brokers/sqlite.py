@@ -358,24 +358,21 @@ class SQLiteBroker:
 
     def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
         now = time.time()
-        rows = [_row(m.queue, m.envelope, m.delay_s, m.priority, now) for m in messages]
-        if not rows:
-            return
-        try:
-            conn = self._conn()
-            with _transaction(conn):
-                conn.executemany(_INSERT, rows)
-        except sqlite3.Error as exc:
-            raise self._error(exc, "publish") from exc
+        self._insert([_row(m.queue, m.envelope, m.delay_s, m.priority, now) for m in messages])
 
     def publish_frames(self, batches: Mapping[tuple[str, int], Sequence[tuple[str, bytes]]]) -> None:
         """``publish_many`` of envelopes given as their frames (taskframe.broker.FramePublisher)."""
         now = time.time()
-        rows = [
-            (queue, check_priority(priority), now, task_id, frame, now)
-            for (queue, priority), frames in batches.items()
-            for task_id, frame in frames
-        ]
+        self._insert(
+            [
+                (queue, check_priority(priority), now, task_id, frame, now)
+                for (queue, priority), frames in batches.items()
+                for task_id, frame in frames
+            ]
+        )
+
+    def _insert(self, rows: list[tuple[str, int, float, str | None, bytes, float]]) -> None:
+        """Publish ``rows`` (as ``_row`` makes them) in one transaction."""
         if not rows:
             return
         try:
