@@ -639,10 +639,6 @@ class _Connection(_ScriptPacker):
     def ping(self) -> None:
         self.client.ping()
 
-    def block(self, wake_keys: Sequence[bytes], timeout_s: float) -> None:
-        """BZPOPMIN of ``wake_keys``; Redis counts whole milliseconds, and 0 would mean forever."""
-        self.client.bzpopmin(wake_keys, timeout=_block_timeout(timeout_s))
-
     def block_then_run(
         self, wake_keys: Sequence[bytes], timeout_s: float, name: str, keys: Sequence[bytes], args: Sequence[Any]
     ) -> Any:
@@ -1274,9 +1270,12 @@ class RedisConsumer:
         return deliveries
 
     def _block(self, timeout_s: float) -> None:
-        """Wait on the queues' wake-up tokens for a publish, a requeue or a new delay."""
+        """On a cluster, wait on the queues' wake-up tokens for a publish, a requeue or a new
+        delay (on one server the block rides with the take: ``_Connection.block_then_run``)."""
         try:
-            self.broker._connection().block(self._block_keys, timeout_s)
+            conn = self.broker._connection()
+            assert isinstance(conn, _ClusterConnection)
+            conn.block(self._block_keys, timeout_s)
         except redis.exceptions.RedisError as exc:
             raise self.broker._error(exc, "wait for messages") from exc
 

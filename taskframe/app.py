@@ -243,10 +243,8 @@ class App:
         # The common call, made from the task's template (message.MessageTemplate): the same
         # bytes, headers and properties as _general_outgoing, at a fraction of the cost. None
         # where the call needs the general path.
-        if options and not options.keys() <= _TEMPLATE_OPTIONS:
-            return None
-        template = self._template_for(name)
-        if template is None or (kwargs and any(type(key) is not str for key in kwargs)):
+        template = self._template_for(name) if _plain_call(kwargs, options) else None
+        if template is None:
             return None
         task_id = str(options.get("task_id") or new_task_id()) if options else new_task_id()
         envelope = template.envelope(task_id, args, kwargs, _short_repr(tuple(args)), _short_repr(kwargs))
@@ -394,10 +392,10 @@ class App:
         routes: dict[tuple[str, str | None], str] = {}
         fresh_ids = iter(new_task_ids(len(calls)))
         for name, args, kwargs, options in calls:
-            if options and not options.keys() <= _TEMPLATE_OPTIONS:
+            if not _plain_call(kwargs, options):
                 return None
             template = templates[name] if name in templates else templates.setdefault(name, self._template_for(name))
-            if template is None or (kwargs and any(type(key) is not str for key in kwargs)):
+            if template is None:
                 return None
             task_id = next(fresh_ids)
             queue_option = None
@@ -495,6 +493,14 @@ def _delay_and_eta(
             eta = eta.replace(tzinfo=datetime.timezone.utc)
         return max(0.0, (eta - now).total_seconds()), eta
     return 0.0, None
+
+
+def _plain_call(kwargs: Mapping[str, Any], options: Mapping[str, Any]) -> bool:
+    """Whether a call may be built from its task's template: no option but those that leave
+    the headers alone (_TEMPLATE_OPTIONS), and keyword names that are text."""
+    if options and not options.keys() <= _TEMPLATE_OPTIONS:
+        return False
+    return not kwargs or all(type(key) is str for key in kwargs)
 
 
 def _short_repr(value: Any, limit: int = 1024) -> str:

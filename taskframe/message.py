@@ -447,8 +447,7 @@ class MessageTemplate:
         self, task_id: str, args: list[Any], kwargs: dict[str, Any], argsrepr: str, kwargsrepr: str
     ) -> FramedEnvelope:
         """The envelope the general path would build for this call, byte for byte."""
-        # [args, kwargs, embed] is written as [args, kwargs] with the embed put before "]".
-        body = f"{_json_text([args, kwargs])[:-1]},{self.embed_json}]"
+        body = self._body(args, kwargs)
         headers = self.headers.copy()
         headers["id"] = headers["root_id"] = task_id
         headers["argsrepr"], headers["kwargsrepr"] = argsrepr, kwargsrepr
@@ -470,7 +469,11 @@ class MessageTemplate:
     ) -> bytes:
         """Only the bytes ``envelope(...).to_bytes()`` returns, for a broker that takes frames
         (taskframe.broker.FramePublisher): no dicts, no envelope."""
-        return self._frame(task_id, f"{_json_text([args, kwargs])[:-1]},{self.embed_json}]", argsrepr, kwargsrepr)
+        return self._frame(task_id, self._body(args, kwargs), argsrepr, kwargsrepr)
+
+    def _body(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        # [args, kwargs, embed] is written as [args, kwargs] with the embed put before "]".
+        return f"{_json_text([args, kwargs])[:-1]},{self.embed_json}]"
 
     def _frame(self, task_id: str, body: str, argsrepr: str, kwargsrepr: str) -> bytes:
         # One join of literal pieces (str.format would parse the whole frame for each message).
