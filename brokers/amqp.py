@@ -604,16 +604,6 @@ class _QuietProbes(logging.Filter):
 logging.getLogger("pika.channel").addFilter(_QuietProbes())
 
 
-class _Job:
-    __slots__ = ("done", "error", "fn", "result")
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.fn = fn
-        self.done = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-
 def _noop() -> None:
     pass
 
@@ -736,6 +726,7 @@ class _Getter:
         self._impl = channel._impl
         self._answers: list[tuple[Any, Any, bytes] | None] = []
         self._expected = 0
+        self._acks = b""  # marshaled Basic.Ack frames for the next write
         # pika calls ``self._on_getok`` for every Basic.GetOk: an instance attribute takes it.
         self._impl._on_getok = self._on_getok
         # BlockingChannel's own Basic.GetEmpty handler expects one get at a time: replaced too
@@ -743,6 +734,22 @@ class _Getter:
         number, empty = self._impl.channel_number, pika.spec.Basic.GetEmpty
         self._impl.callbacks.remove(number, empty, channel._basic_getempty_result.set_value_once)
         self._impl.callbacks.add(number, empty, self._on_getempty, False)
+
+    def ack_later(self, tags: Sequence[int], *, multiple: bool) -> None:
+        """Send these acks with the next gets (or ``flush``): one write for both."""
+        number = self._impl.channel_number
+        self._acks += b"".join(
+            pika.frame.Method(number, pika.spec.Basic.Ack(delivery_tag=tag, multiple=multiple)).marshal()
+            for tag in tags
+        )
+
+    def flush(self) -> None:
+        """Write the acks still waiting for gets; dropped with a closed channel, whose
+        deliveries RabbitMQ has taken back."""
+        acks, self._acks = self._acks, b""
+        if acks and self._impl.is_open:
+            self._impl.connection._output_marshaled_frames([acks])
+            self.link.connection._flush_output()  # pika writes in its I/O loop
 
     def _on_getok(self, method_frame: Any, header_frame: Any, body: bytes) -> None:
         self._answer((method_frame.method, header_frame.properties, bytes(body)))
@@ -767,7 +774,8 @@ class _Getter:
         gets = b"".join(
             pika.frame.Method(number, pika.spec.Basic.Get(queue=queue, no_ack=False)).marshal() for queue in queues
         )
-        self._impl.connection._output_marshaled_frames([gets])
+        acks, self._acks = self._acks, b""
+        self._impl.connection._output_marshaled_frames([acks + gets])
         try:
             self.link.wait_for(
                 lambda: len(self._answers) >= count or not self._impl.is_open, CONFIRM_TIMEOUT_S, "basic.get answers"
@@ -785,19 +793,33 @@ class _Getter:
 
 
 class _Link:
-    """One connection and the thread that owns it, for one broker object in one process."""
+    """One connection for one broker object in one process, driven by the thread that holds it.
+
+    pika is not thread-safe, so the connection has one holder at a time: ``call`` takes it,
+    runs the work on the caller's own thread and gives it back (no thread hop: a receive, an
+    ack or a publish costs its network round trip, not two context switches). ``submit``
+    runs work the same way when the connection is free and otherwise leaves it to the holder,
+    who runs it before letting go, so an ack never waits. A holder that only waits for events
+    (an idle consumer listening for its bell) lets waiting threads take a turn: they poke
+    the connection (``add_callback_threadsafe``, its one thread-safe call) and it yields.
+    The keeper thread (``taskframe-amqp``) drives the connection when nobody else does, at
+    least every ``TICK_S`` (and at the next lease deadline): heartbeats flow while a ``solo``
+    worker runs a 10-minute task and calls nothing, and leases that ran out are handed back.
+    """
 
     def __init__(self, broker: AMQPBroker) -> None:
         self.url = broker.url
         self.params = broker._params
         self.options = broker.options
         self.pid = os.getpid()
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._jobs: collections.deque[_Job] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None  # threading.get_ident() of the holder
+        self._waiting = 0  # threads waiting to take the connection
+        self._listening = False  # the holder only waits for events: poke it to let others in
+        self._jobs: collections.deque[Callable[[], Any]] = collections.deque()
         self._closing = False
         self.closed = False
-        # Everything below belongs to the connection thread.
+        # Everything below belongs to the holder.
         self.connection: Any = None
         self.generation = 0
         self.publisher: _Publisher | None = None
@@ -805,79 +827,186 @@ class _Link:
         self._probe: Any = None
         self.declared: set[str] = set()
         self.consumers: dict[str, AMQPConsumer] = {}
-        self._thread = threading.Thread(target=self._run, name="taskframe-amqp", daemon=True)
-        self._thread.start()
+        self._keeper = threading.Thread(target=self._keep, name="taskframe-amqp", daemon=True)
+        self._keeper.start()
 
-    # -- calls from any thread -------------------------------------------------------------------
-
-    def submit(self, fn: Callable[[], Any]) -> _Job:
-        """Queue ``fn`` for the connection thread; jobs run in the order submitted."""
-        job = _Job(fn)
-        with self._lock:
-            if self._closing:
-                msg = f"the amqp broker {mask_url(self.url)} is closed; create a new one"
-                raise BrokerError(msg)
-            self._jobs.append(job)
-            self._wake.notify()
-        self._poke()
-        return job
+    # -- holding the connection (any thread) -----------------------------------------------------
 
     def call(self, fn: Callable[[], T], timeout_s: float = CALL_TIMEOUT_S) -> T:
-        """Run ``fn`` on the connection thread and return its result (or raise its error)."""
-        if threading.current_thread() is self._thread:
+        """Run ``fn`` holding the connection and return its result (or raise its error)."""
+        if self._owner == threading.get_ident():
+            return self._run(fn)
+        self._take(timeout_s)
+        try:
+            return self._run(fn)
+        finally:
+            self._give_back()
+
+    def submit(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` holding the connection, now if it is free, else before its holder lets go;
+        never waits. Errors are the holder's to log, not the caller's."""
+        with self._cond:
+            self._check_open()
+            self._jobs.append(fn)
+            if self._owner is not None:
+                if self._listening:
+                    self._poke()
+                return
+            self._owner = threading.get_ident()
+        self._give_back()
+
+    def _take(self, timeout_s: float) -> None:
+        with self._cond:
+            self._check_open()
+            self._waiting += 1
+            try:
+                if self._listening:
+                    self._poke()
+                if not self._cond.wait_for(lambda: self._owner is None, timeout_s):
+                    msg = (
+                        f"RabbitMQ at {mask_url(self.url)} did not answer within {timeout_s:g}s;"
+                        " is it overloaded, or blocked by a memory or disk alarm (rabbitmqctl status)?"
+                    )
+                    raise BrokerError(msg)
+                self._owner = threading.get_ident()
+            finally:
+                self._waiting -= 1
+
+    def _give_back(self) -> None:
+        while True:
+            with self._cond:
+                if not self._jobs:
+                    self._owner = None
+                    self._listening = False
+                    self._cond.notify_all()
+                    return
+                job = self._jobs.popleft()
+            self._run_job(job)
+
+    def _run_job(self, job: Callable[[], Any]) -> None:
+        try:
+            self._run(job)
+        except BrokerError as exc:
+            log.debug("queued work on the RabbitMQ connection failed: %s", mask_url(str(exc)))
+        except Exception:
+            log.debug("queued work on the RabbitMQ connection failed", exc_info=True)
+
+    def _run(self, fn: Callable[[], T]) -> T:
+        try:
             return fn()
-        job = self.submit(fn)
-        if not job.done.wait(timeout_s):
-            msg = (
-                f"RabbitMQ at {mask_url(self.url)} did not answer within {timeout_s:g}s;"
-                " is it overloaded, or blocked by a memory or disk alarm (rabbitmqctl status)?"
-            )
+        except BaseException as exc:
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from None
+
+    def _check_open(self) -> None:
+        if self._closing:
+            msg = f"the amqp broker {mask_url(self.url)} is closed; create a new one"
             raise BrokerError(msg)
-        if job.error is not None:
-            raise job.error
-        result: T = job.result
-        return result
 
     def _poke(self) -> None:
         connection = self.connection
         if connection is not None:
-            # Wakes process_data_events; the only thread-safe call of a BlockingConnection.
+            # Makes the holder's process_data_events return; the only thread-safe call of a
+            # BlockingConnection.
             with contextlib.suppress(Exception):
                 connection.add_callback_threadsafe(_noop)
 
+    def listen(self, condition: Callable[[], bool], timeout_s: float) -> None:
+        """Holding the connection, process its events until ``condition()`` holds or ``timeout_s``
+        passed; other threads' work runs in between (see the class docstring)."""
+        deadline = time.monotonic() + timeout_s
+        me = threading.get_ident()
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            with self._cond:
+                self._check_open()
+                turn = bool(self._waiting)
+                job = self._jobs.popleft() if self._jobs else None
+                self._listening = not turn and job is None
+            if job is not None:
+                self._run_job(job)
+                continue
+            if turn:
+                with self._cond:
+                    self._owner = None
+                    self._cond.notify_all()
+                    self._cond.wait_for(lambda: self._owner is None and not self._waiting)
+                    self._owner = me
+                continue
+            connection = self.connection
+            if connection is None or not connection.is_open:
+                return  # lost: the caller finds out on its next step
+            try:
+                connection.process_data_events(time_limit=min(remaining, TICK_S))
+            finally:
+                with self._cond:
+                    self._listening = False
+
     def close(self, timeout_s: float = 10.0) -> None:
-        with self._lock:
+        with self._cond:
+            if self._closing:
+                return
             self._closing = True
-            self._wake.notify()
-        self._poke()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout_s)
-
-    # -- the thread ------------------------------------------------------------------------------
-
-    def _run(self) -> None:
+            self._cond.notify_all()
+            self._poke()
+        if self._owner != threading.get_ident():
+            with self._cond:
+                self._waiting += 1
+                try:
+                    taken = self._cond.wait_for(lambda: self._owner is None, timeout_s)
+                    if taken:
+                        self._owner = threading.get_ident()
+                finally:
+                    self._waiting -= 1
+            if not taken:
+                log.debug("%s: the connection was still in use at close", mask_url(self.url))
+                return
         try:
-            while True:
-                with self._lock:
-                    job = self._jobs.popleft() if self._jobs else None
-                    if job is None and self._closing:
-                        break
-                if job is not None:
-                    self._execute(job)
-                else:
-                    self._tick()
-        finally:
             self._shutdown()
-
-    def _execute(self, job: _Job) -> None:
-        try:
-            job.result = job.fn()
-        except BaseException as exc:
-            job.error = self._translate(exc)
-            if not isinstance(exc, BrokerError | pika.exceptions.AMQPError | OSError):
-                log.debug("job on the connection thread failed", exc_info=True)
         finally:
-            job.done.set()
+            self._give_back()
+
+    # -- the keeper thread ---------------------------------------------------------------------
+
+    def _keep(self) -> None:
+        while True:
+            now = time.monotonic()
+            timeout_s = TICK_S
+            for consumer in list(self.consumers.values()):
+                due = consumer.next_deadline()
+                if due is not None:
+                    timeout_s = min(timeout_s, max(0.0, due - now))
+            with self._cond:
+                self._cond.wait_for(lambda: self._closing, timeout_s)
+                if self._closing:
+                    return
+                if self._owner is not None and not self._listening:
+                    continue  # its holder is at work and drives it
+            try:
+                self._take(CALL_TIMEOUT_S)  # a holder that only listens lets go for a moment
+            except BrokerError:
+                continue
+            try:
+                self._tick()
+            finally:
+                self._give_back()
+
+    def _tick(self) -> None:
+        connection = self.connection
+        if connection is not None and connection.is_open:
+            try:
+                connection.process_data_events(time_limit=0)
+            except Exception as exc:
+                self._translate(exc)
+        for consumer in list(self.consumers.values()):
+            try:
+                consumer.io_expire_leases()
+            except Exception as exc:
+                log.warning("could not hand back expired leases: %s", mask_url(str(self._translate(exc))))
 
     def _translate(self, exc: BaseException) -> BaseException:
         connection_gone = self.connection is None or not self.connection.is_open
@@ -891,29 +1020,6 @@ class _Link:
             return BrokerError(f"RabbitMQ at {mask_url(self.url)}: {_describe(exc)}")
         return exc
 
-    def _tick(self) -> None:
-        now = time.monotonic()
-        timeout_s = TICK_S
-        for consumer in list(self.consumers.values()):
-            due = consumer.next_deadline()
-            if due is not None:
-                timeout_s = min(timeout_s, max(0.0, due - now))
-        connection = self.connection
-        if connection is not None and connection.is_open:
-            try:
-                connection.process_data_events(time_limit=timeout_s)
-            except Exception as exc:
-                self._translate(exc)
-        else:
-            with self._lock:
-                if not self._jobs and not self._closing:
-                    self._wake.wait(timeout_s)
-        for consumer in list(self.consumers.values()):
-            try:
-                consumer.io_expire_leases()
-            except Exception as exc:
-                log.warning("could not hand back expired leases: %s", mask_url(str(self._translate(exc))))
-
     def _shutdown(self) -> None:
         for consumer in list(self.consumers.values()):
             consumer.close_quietly()
@@ -923,7 +1029,7 @@ class _Link:
                 connection.close()
         self.closed = True
 
-    # -- helpers for code running on the thread ------------------------------------------------------
+    # -- helpers for the holder -------------------------------------------------------------------
 
     def wake_loop(self) -> None:
         """Make ``process_data_events`` return: for callbacks that run inside pika's I/O loop,
@@ -1427,7 +1533,6 @@ class AMQPConsumer:
         self.prefetch = prefetch
         self.id = uuid.uuid4().hex[:16]
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
         self._state = _State()
         self._rang = False
         self._lost: str | None = None
@@ -1449,30 +1554,22 @@ class AMQPConsumer:
 
     def receive(self, timeout_s: float, *, max_messages: int = 1) -> list[Delivery]:
         check_receive(self, closed=self._closed, max_messages=max_messages)
-        deadline = time.monotonic() + max(timeout_s, 0.0)
-        while True:
-            with self._lock:
-                self._rang = False  # before looking: a ring from now on means look again
-            deliveries = self._link.call(lambda: self._io_collect(max_messages))
-            if deliveries:
-                return deliveries
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return []
-            if not self._bell_bound:
-                self._link.call(self._io_bind_bell)
-                continue  # a message may have come between the get and the bind
-            with self._lock:
-                self._cond.wait_for(lambda: self._rang or self._lost is not None, remaining)
+        return self._link.call(lambda: self._io_receive((), timeout_s, max_messages))
+
+    def ack_and_receive(self, acks: Sequence[Delivery], timeout_s: float, *, max_messages: int = 1) -> list[Delivery]:
+        """Ack ``acks`` and receive: the ack frames go out in the same write as the first gets."""
+        check_receive(self, closed=self._closed, max_messages=max_messages)
+        batch = list(acks)
+        return self._link.call(lambda: self._io_receive(batch, timeout_s, max_messages))
 
     def ack(self, delivery: Delivery) -> None:
-        """Queue the ack and return: basic.ack has no reply to wait for, and later calls of
-        this broker object run after it. If the connection is lost first, the message is back
-        in its queue anyway, which the next ``receive`` reports."""
+        """Send the ack, or leave it to the connection's holder (``_Link.submit``): basic.ack
+        has no reply to wait for. If the connection is lost first, the message is back in its
+        queue anyway, which the next ``receive`` reports."""
         self._link.submit(lambda: self._io_settle(delivery, "ack"))
 
     def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """Queue the acks of ``deliveries`` as one job of the connection thread (as ``ack`` does)."""
+        """Ack ``deliveries`` in one go, as ``ack`` does."""
         batch = list(deliveries)
         if batch:
             self._link.submit(lambda: self._io_ack_many(batch))
@@ -1512,7 +1609,6 @@ class AMQPConsumer:
         self._closed = True
         with self._lock:
             self._state = _State()
-            self._cond.notify_all()
 
     def held(self, queue: str) -> int:
         """Deliveries of ``queue`` this consumer holds (leased, or got and not yet returned)."""
@@ -1585,7 +1681,6 @@ class AMQPConsumer:
             held = len(self._state.leases) + len(self._state.candidates)
             self._state = _State()
             self._lost = reason if not self._closed else None
-            self._cond.notify_all()
         self._channel = None
         self._bell = None
         self._bell_bound = False
@@ -1613,6 +1708,32 @@ class AMQPConsumer:
             else _Pending(index, self.queues[index], answer[0].delivery_tag, bool(answer[0].redelivered), *answer[1:])
             for index, answer in zip(indices, answers, strict=True)
         ]
+
+    def _io_receive(self, acks: Sequence[Delivery], timeout_s: float, max_messages: int) -> list[Delivery]:
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        if acks:
+            self._io_ack_many(acks, ride=True)
+        try:
+            while True:
+                self._rang = False  # before looking: a ring from now on means look again
+                deliveries = self._io_collect(max_messages)
+                if deliveries:
+                    return deliveries
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                if not self._bell_bound:
+                    self._io_bind_bell()
+                    continue  # a message may have come between the get and the bind
+                self._link.listen(lambda: self._rang or self._lost is not None, remaining)
+        except (pika.exceptions.AMQPConnectionError, OSError) as exc:
+            # Noticed here first: say what it means for this consumer (``_io_check``).
+            self._link.lost(exc)
+            self._io_check()
+            raise
+        finally:
+            if self._getter is not None:
+                self._getter.flush()  # acks that found no get to ride with
 
     def _io_collect(self, max_messages: int) -> list[Delivery]:
         channel = self._io_check()
@@ -1748,7 +1869,8 @@ class AMQPConsumer:
         else:
             self._io_bury(lease.pending, delivery.envelope, delivery.deliveries, reason)
 
-    def _io_ack_many(self, deliveries: Sequence[Delivery]) -> None:
+    def _io_ack_many(self, deliveries: Sequence[Delivery], *, ride: bool = False) -> None:
+        """Ack ``deliveries``; with ``ride``, the frames wait for the next gets' write."""
         with self._lock:
             tags = []
             for delivery in deliveries:
@@ -1761,6 +1883,10 @@ class AMQPConsumer:
             # tag: one frame, but right only when no other delivery below it is still held.
             held = [*self._state.leases, *(p.delivery_tag for p in self._state.candidates.values())]
             multiple = len(tags) > 1 and all(tag > highest for tag in held)
+        getter, channel = self._getter, self._channel
+        if ride and tags and getter is not None and channel is not None and channel.is_open:
+            getter.ack_later([highest] if multiple else sorted(tags), multiple=multiple)
+            return
         if multiple:
             self._io_basic_ack(highest, multiple=True)
             return
@@ -1820,15 +1946,12 @@ class AMQPConsumer:
         self._bell_bound = False
 
     def _on_bell(self, _channel: Any, _method: Any, _props: Any, _body: bytes) -> None:
-        with self._lock:
-            self._rang = True
-            self._cond.notify_all()
+        self._rang = True  # read by the holder's listen(), on this same thread
 
     def _io_close(self) -> None:
         self._link.consumers.pop(self.id, None)
         with self._lock:
             self._state = _State()
-            self._cond.notify_all()
         channel, self._channel = self._channel, None
         if channel is not None and channel.is_open:
             channel.close()
