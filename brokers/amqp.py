@@ -55,14 +55,19 @@ a short delay is never stuck behind a long one. ``stats().delayed`` counts the l
 Gap: RabbitMQ dead-letters classic queues at most once, so a message moving between two
 levels when the broker crashes can be lost (a clean restart loses nothing: all persistent).
 
-Consuming, leases and the connection thread
-============================================
-pika is not thread-safe, so each broker object owns one connection and one thread
-(``taskframe-amqp``) in each process that uses it: every channel call runs there, and the
-public methods hand it work and wait. That thread services heartbeats continuously, even
-while a ``solo`` worker runs a 10-minute task in its main thread and calls nothing, and
-it is where ``renew`` (called by the worker's keeper thread) and lease timers act. A forked
-child never touches its parent's socket or thread: it opens its own on first use.
+Consuming, leases and who drives the connection
+================================================
+pika is not thread-safe, so each broker object owns one connection in each process that uses
+it, held by one thread at a time (``_Link``): a receive, an ack or a publish takes the
+connection, does its work on the caller's own thread and gives it back, so it costs its
+network round trip and no thread hop. An ack never waits: when another thread holds the
+connection, the holder sends it before letting go. A holder that only waits for events (an
+idle consumer listening for its bell) lets other threads in: a thread that wants the
+connection pokes it (``add_callback_threadsafe``) and the listener yields at once. A keeper
+thread (``taskframe-amqp``) drives the connection whenever nobody else has for ``TICK_S``:
+heartbeats keep flowing while a ``solo`` worker runs a 10-minute task and calls nothing, and
+leases that ran out are handed back. A forked child never touches its parent's socket or
+thread: it opens its own on first use.
 
 ``receive`` pulls with ``basic.get``, so a batch holds every ready message up to
 ``max_messages``, most urgent first across queues, queues in order on ties, exactly as the
@@ -73,24 +78,27 @@ order, so a batch costs one round trip, not one per message; a consumer of sever
 for one candidate at once, then one get per message taken (the most urgent candidate).
 The worker's ``max_messages`` (free slots + ``worker_prefetch``) bounds what it holds;
 ``basic.qos`` does not apply to ``basic.get``. When nothing is ready the consumer binds its
-bell queue to each queue's exchange (and to the delay delivery) and sleeps until a copy of
+bell queue to each queue's exchange (and to the delay delivery) and listens until a copy of
 a new message rings it, then gets the message itself. The bell stays bound while the
 consumer alternates between work and idle waits, and is unbound once it has found work on
 every receive for ``BELL_KEEP_S`` (so copies, which carry the whole body, do not flow to a
 busy consumer for long); unbinding right away put two binding changes, ~3 ms, into every
 idle round trip. A message published to ``Q`` through another exchange (e.g. the default
 one) does not ring: it is found by the next ``receive``. ``ack_many`` acks a finished batch
-in one job of the connection thread, with one ``basic.ack(multiple=True)`` when no other
-delivery of the channel below the highest tag is still held, else one ack per delivery.
+with one ``basic.ack(multiple=True)`` when no other delivery of the channel below the
+highest tag is still held, else one ack per delivery; ``ack_and_receive`` (what a worker
+calls between batches) writes those ack frames and the next gets in one write.
 
 Speed (issue #6; one 2-core host shared with other jobs, so figures vary by 2x between runs;
 see docs/brokers/rabbitmq.md): in one process, receive+ack of batches of 5 went from
 ~2,300 to ~4,500-7,000 a second, and an idle consumer gets a new message ~0.5 ms after the
-publish returns instead of ~4 ms. A one-call ``publish`` (~1,000 a second when the host is
-quiet, as raw pika) is bound by RabbitMQ's confirm of a persistent message, which waits
-for its disk write; the thread hop costs ~60 us of it. ``publish_many`` pipelines confirms.
+publish returns instead of ~4 ms. Driving the connection from the caller's thread instead
+of a dedicated I/O thread (a hop there and back per call) took an in-process solo worker's
+drain from ~3,600 to ~4,200 tasks a second. A one-call ``publish`` (~1,100 a second here,
+~0.9 ms, as raw pika's ~0.85 ms with the same headers) is bound by RabbitMQ's confirm of a
+persistent message, which waits for its disk write. ``publish_many`` pipelines confirms.
 Header tables are read by ``_decode_table_fast`` (patched into pika.data), 2.5x pika's
-own reader on a task message's ~20 headers (19.5 us -> 7.8 us a message, on the connection thread).
+own reader on a task message's ~20 headers (19.5 us -> 7.8 us a message).
 
 Leases. In AMQP an unacked message returns to its queue when its channel or connection
 closes: a dead worker's messages come back at once (faster than ``visibility_timeout``).
@@ -201,9 +209,9 @@ PUBLISH_ATTEMPTS = 3
 PUBLISH_PAUSES_S = (0.5, 1.5)
 #: Seconds one connection attempt may take (pika's socket_timeout, unless the URL sets it).
 CONNECT_TIMEOUT_S = 5.0
-#: Seconds any call waits for the connection thread before raising BrokerError.
+#: Seconds a call waits for the connection (held by another thread) before raising BrokerError.
 CALL_TIMEOUT_S = 120.0
-#: Longest sleep of the connection thread between checks of lease deadlines, in seconds.
+#: Longest time (seconds) nobody drives the connection: the keeper's tick (heartbeats, leases).
 TICK_S = 1.0
 #: Delay levels: level k holds a message 2**k milliseconds; together up to 2**32-1 ms.
 DELAY_LEVELS = 32
@@ -423,7 +431,7 @@ _unpack_longlong = struct.Struct(">q").unpack_from
 def _decode_table_fast(encoded: bytes, offset: int) -> tuple[dict[Any, Any], int]:
     """pika's table decoder with the kinds a task message's headers use (long strings, ints,
     void, booleans, arrays, tables) decoded inline: the headers of every delivery pass
-    here on the connection thread, and pika's one-call-per-value reading was about a fifth
+    here, and pika's one-call-per-value reading was about a fifth
     of a drained message's CPU time. Other kinds go to ``_decode_value_with_doubles``."""
     result: dict[Any, Any] = {}
     limit = offset + 4 + _unpack_uint(encoded, offset)[0]
@@ -587,7 +595,7 @@ def _delay_ms(delay_s: float) -> int:
     return delay_ms
 
 
-# -- the connection thread --------------------------------------------------------------------------
+# -- the connection and its holder ----------------------------------------------------------------
 
 #: pika's own channels of this module's probes: a passive declare of a missing queue is how
 #: a count of zero is asked, so the warning pika logs when RabbitMQ then closes the channel
@@ -727,6 +735,7 @@ class _Getter:
         self._answers: list[tuple[Any, Any, bytes] | None] = []
         self._expected = 0
         self._acks = b""  # marshaled Basic.Ack frames for the next write
+        self._get_frames: dict[str, bytes] = {}  # a queue's marshaled Basic.Get (the same every time)
         # pika calls ``self._on_getok`` for every Basic.GetOk: an instance attribute takes it.
         self._impl._on_getok = self._on_getok
         # BlockingChannel's own Basic.GetEmpty handler expects one get at a time: replaced too
@@ -771,9 +780,11 @@ class _Getter:
             return None
         # One write for the whole batch: pika would make a send() call per frame.
         number = self._impl.channel_number
-        gets = b"".join(
-            pika.frame.Method(number, pika.spec.Basic.Get(queue=queue, no_ack=False)).marshal() for queue in queues
-        )
+        frames = self._get_frames
+        for queue in queues:
+            if queue not in frames:
+                frames[queue] = pika.frame.Method(number, pika.spec.Basic.Get(queue=queue, no_ack=False)).marshal()
+        gets = b"".join([frames[queue] for queue in queues])
         acks, self._acks = self._acks, b""
         self._impl.connection._output_marshaled_frames([acks + gets])
         try:
@@ -1626,7 +1637,7 @@ class AMQPConsumer:
             return None
         return self._state.leases.get(tag.delivery_tag)
 
-    # -- connection thread -----------------------------------------------------------------------
+    # -- holding the connection -------------------------------------------------------------------
 
     def _io_open(self) -> None:
         link = self._link

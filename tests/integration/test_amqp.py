@@ -284,6 +284,78 @@ def test_headers_decode_as_pika_encodes_them() -> None:
     assert _decode_table_fast(encoded, 0) == (table, len(encoded))
 
 
+# -- one connection, several threads ----------------------------------------------------------
+
+
+def test_an_idle_consumer_does_not_hold_up_other_threads(make_broker: Any, queue: str) -> None:
+    # Given a consumer of one broker object listening on an empty queue in another thread
+    broker = make_broker()
+    broker.publish(queue, task_message("held"))
+    consumer = broker.consumer([queue], prefetch=2)
+    [held] = consumer.receive(3.0)
+    got: list[Any] = []
+    listener = threading.Thread(target=lambda: got.extend(consumer.receive(10.0)))
+    listener.start()
+    time.sleep(0.3)  # it is listening now
+    try:
+        # When this thread publishes to another queue, acks, and reads stats through the same
+        # connection
+        started = time.monotonic()
+        broker.publish(queue + "-other", task_message("other"))
+        consumer.ack(held)
+        ready = broker.stats(queue).ready
+        took_s = time.monotonic() - started
+        # Then none of it waits for the listener's 10 s
+        assert took_s < 0.5, f"took {took_s:.2f}s behind an idle receive"
+        assert ready == 0
+        # And a message for the listener still wakes it at once
+        woken_at = time.monotonic()
+        broker.publish(queue, task_message("late"))
+        listener.join(5.0)
+        assert [d.envelope.task_id for d in got] == ["late"]
+        assert time.monotonic() - woken_at < 1.0
+    finally:
+        listener.join(15.0)
+    consumer.ack(got[0])
+    consumer.close()
+    # The ack sent while the listener held the connection took effect: nothing came back
+    assert broker.stats(queue).ready == 0
+    assert broker.purge(queue + "-other") == 1
+
+
+def test_threads_publish_while_a_consumer_listens(make_broker: Any, queue: str) -> None:
+    # Given a consumer listening in one thread
+    broker = make_broker()
+    consumer = broker.consumer([queue], prefetch=50)
+    received: list[str] = []
+    stop = threading.Event()
+
+    def consume() -> None:
+        while not stop.is_set() or len(received) < 40:
+            deliveries = consumer.receive(0.5, max_messages=50)
+            ack_all(consumer, deliveries)
+            received.extend(d.envelope.task_id or "" for d in deliveries)
+            if stop.is_set() and not deliveries:
+                return
+
+    listener = threading.Thread(target=consume)
+    listener.start()
+    # When four threads publish ten messages each on the same broker object
+    publishers = [
+        threading.Thread(target=lambda n=n: [broker.publish(queue, task_message(f"{n}-{i}")) for i in range(10)])
+        for n in range(4)
+    ]
+    for thread in publishers:
+        thread.start()
+    for thread in publishers:
+        thread.join(30.0)
+    stop.set()
+    listener.join(30.0)
+    # Then every message arrives once, and the connection is still usable
+    assert sorted(received) == sorted(f"{n}-{i}" for n in range(4) for i in range(10))
+    assert broker.stats(queue).ready == 0
+
+
 # -- connection loss ------------------------------------------------------------------------
 
 
