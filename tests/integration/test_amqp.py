@@ -417,7 +417,7 @@ def test_a_killed_worker_s_task_comes_back_at_once_and_completes(make_tasks: Any
 def test_a_long_task_keeps_its_connection_with_a_short_heartbeat(make_tasks: Any) -> None:
     # A solo worker runs the task in its main thread and calls the broker not once meanwhile;
     # RabbitMQ drops a connection after two missed heartbeats (10 s with heartbeat=5), so a
-    # 15 s task proves the connection thread keeps them flowing (30 s proves no more).
+    # 15 s task proves the keeper thread keeps them flowing (30 s proves no more).
     tasks = make_tasks(rabbitmq_service.url(heartbeat=5), visibility_timeout=5.0)
     result = tasks.sleep_then.delay(15.0, "long")
     worker = tasks.start_worker("-P", "solo", "-l", "info")
