@@ -176,6 +176,7 @@ import pika.frame
 from taskframe.broker import (
     DEFAULT_PRIORITY,
     MAX_PRIORITY,
+    Buried,
     DeadLetter,
     Delivery,
     Envelope,
@@ -1545,6 +1546,7 @@ class AMQPConsumer:
         self.id = uuid.uuid4().hex[:16]
         self._lock = threading.Lock()
         self._state = _State()
+        self._buried: list[Buried] = []  # guarded by the lock (leases run out on the keeper thread)
         self._rang = False
         self._lost: str | None = None
         self._closed = False
@@ -1572,6 +1574,12 @@ class AMQPConsumer:
         check_receive(self, closed=self._closed, max_messages=max_messages)
         batch = list(acks)
         return self._link.call(lambda: self._io_receive(batch, timeout_s, max_messages))
+
+    def take_buried(self) -> list[Buried]:
+        """What this consumer dead-lettered after ``max_deliveries`` since the last call."""
+        with self._lock:
+            buried, self._buried = self._buried, []
+        return buried
 
     def ack(self, delivery: Delivery) -> None:
         """Send the ack, or leave it to the connection's holder (``_Link.submit``): basic.ack
@@ -1819,6 +1827,8 @@ class AMQPConsumer:
             )
             self._io_bury(pending, envelope, before, reason)
             log.warning("task %s of queue %r dead-lettered: %s", envelope.task_id, pending.queue, reason)
+            with self._lock:
+                self._buried.append(Buried(envelope, pending.queue, reason))
             return None
         if pending.redelivered and not quorum:
             # Persist the count before it runs again, so a task that kills its worker stops.
@@ -1920,6 +1930,8 @@ class AMQPConsumer:
                 )
                 self._io_bury(lease.pending, delivery.envelope, delivery.deliveries, reason)
                 log.warning("task %s dead-lettered: %s", delivery.envelope.task_id, reason)
+                with self._lock:
+                    self._buried.append(Buried(delivery.envelope, delivery.queue, reason))
                 continue
             log.warning(
                 "lease of task %s ran out (visibility_timeout=%gs without renew); handed back to %r",

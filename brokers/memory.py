@@ -31,6 +31,7 @@ late ack after the message was received again by someone else is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from taskframe.broker import (
     DEFAULT_PRIORITY,
+    Buried,
     DeadLetter,
     Delivery,
     Envelope,
@@ -215,8 +217,9 @@ class MemoryBroker:
     def consumer(self, queues: Sequence[str], *, prefetch: int) -> MemoryConsumer:
         return MemoryConsumer(self, queues, prefetch=prefetch)
 
-    def _claim(self, queues: Sequence[str], limit: int, token: str) -> list[Delivery]:
-        """Lease up to ``limit`` ready messages; callers hold self._cond."""
+    def _claim(self, queues: Sequence[str], limit: int, token: str, buried: list[Buried]) -> list[Delivery]:
+        """Lease up to ``limit`` ready messages; callers hold self._cond. What ran out of
+        deliveries is dead-lettered and added to ``buried``."""
         now = time.monotonic()
         self._promote(now)
         deliveries: list[Delivery] = []
@@ -229,12 +232,12 @@ class MemoryBroker:
             if best is None:
                 break
             heapq.heappop(self._ready[queues[best[1]]])
-            delivery = self._lease(self._messages[best[0][2]], token, now)
+            delivery = self._lease(self._messages[best[0][2]], token, now, buried)
             if delivery is not None:
                 deliveries.append(delivery)
         return deliveries
 
-    def _lease(self, message: _Message, token: str, now: float) -> Delivery | None:
+    def _lease(self, message: _Message, token: str, now: float, buried: list[Buried]) -> Delivery | None:
         if message.deliveries >= self.max_deliveries:
             reason = (
                 f"delivered {message.deliveries} times without an ack"
@@ -242,6 +245,8 @@ class MemoryBroker:
             )
             self._bury(message, reason)
             log.warning("message %s of queue %r dead-lettered: %s", message.id, message.queue, reason)
+            with contextlib.suppress(MessageError):  # no readable task id: nothing to report
+                buried.append(Buried(Envelope.from_bytes(message.body), message.queue, reason))
             return None
         try:
             envelope = Envelope.from_bytes(message.body)
@@ -329,9 +334,15 @@ class MemoryConsumer:
         self.id = uuid.uuid4().hex[:16]
         self._receipts = itertools.count(1)
         self._closed = False
+        self._buried: list[Buried] = []
 
     def __repr__(self) -> str:
         return f"<MemoryConsumer {self.id} of {self.queues} on {self.broker!r}>"
+
+    def take_buried(self) -> list[Buried]:
+        """What this consumer dead-lettered after ``max_deliveries`` since the last call."""
+        buried, self._buried = self._buried, []
+        return buried
 
     def receive(self, timeout_s: float, *, max_messages: int = 1) -> list[Delivery]:
         check_receive(self, closed=self._closed, max_messages=max_messages)
@@ -340,7 +351,7 @@ class MemoryConsumer:
         token = f"{self.id}.{next(self._receipts)}"
         with broker._cond:
             while True:
-                deliveries = broker._claim(self.queues, max_messages, token)
+                deliveries = broker._claim(self.queues, max_messages, token, self._buried)
                 if deliveries:
                     return deliveries
                 wait_s = broker._wait_s(deadline)

@@ -158,6 +158,7 @@ from redis.retry import Retry
 
 from taskframe.broker import (
     DEFAULT_PRIORITY,
+    Buried,
     DeadLetter,
     Delivery,
     Envelope,
@@ -1134,6 +1135,7 @@ class RedisConsumer:
         wake = _SCRIPT_KEYS["receive"].index("wake")
         self._wake_keys = [broker.keys(queue, "receive")[wake] for queue in self.queues]
         self._closed = False
+        self._buried: list[Buried] = []
         # No script can span cluster slots: then a receive peeks at each queue, then leases
         # from each, and an idle wait blocks on the first queue only, a slice at a time.
         across_slots = broker.cluster and len({key_slot(key) for key in self._wake_keys}) > 1
@@ -1254,6 +1256,11 @@ class RedisConsumer:
                 count,
                 broker.max_deliveries,
             )
+            reason = (
+                f"delivered {count} times without an ack (max_deliveries={broker.max_deliveries}):"
+                " the task probably crashed its worker"
+            )
+            self._report_buried(queue, message_id, reason)
         deliveries = []
         for i in range(0, len(leased), 4):
             queue = queues[int(leased[i]) - 1]
@@ -1268,6 +1275,22 @@ class RedisConsumer:
                 continue
             deliveries.append(Delivery(envelope, queue, count, tag))
         return deliveries
+
+    def _report_buried(self, queue: str, message_id: str, reason: str) -> None:
+        """Keep a dead-lettered message for ``take_buried``: its body stays in the queue's body
+        hash (rare: one read per dead letter). Best effort: a message that cannot be read
+        back has no task id to report."""
+        try:
+            body = self.broker._connection().client.hget(self.broker.keys(queue, "dead_list")[0], message_id)
+            if isinstance(body, bytes) and body:
+                self._buried.append(Buried(Envelope.from_bytes(body), queue, reason))
+        except (redis.exceptions.RedisError, MessageError) as exc:
+            log.debug("dead letter %s of %r not reported: %s", message_id, queue, exc)
+
+    def take_buried(self) -> list[Buried]:
+        """What this consumer dead-lettered after ``max_deliveries`` since the last call."""
+        buried, self._buried = self._buried, []
+        return buried
 
     def _block(self, timeout_s: float) -> None:
         """On a cluster, wait on the queues' wake-up tokens for a publish, a requeue or a new

@@ -52,13 +52,14 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from taskframe.broker import (
     DEFAULT_PRIORITY,
     MAX_PRIORITY,
     MIN_PRIORITY,
+    Buried,
     DeadLetter,
     Delivery,
     Envelope,
@@ -449,6 +450,7 @@ class SQLiteConsumer:
         self._next_due_sql = _next_due_sql(len(self.queues))
         self._queue_params = {f"q{i}": q for i, q in enumerate(self.queues)}
         self._closed = False
+        self._buried: list[Buried] = []
 
     def __repr__(self) -> str:
         return f"<SQLiteConsumer {self.id} of {self.queues} on {self.broker!r}>"
@@ -484,6 +486,8 @@ class SQLiteConsumer:
         conn = self.broker._conn()
         token = f"{self.id}.{next(self._receipts)}"
         deliveries: list[Delivery] = []
+        burying: list[Buried] = []
+        empty: tuple[list[Delivery], int, float | None] | None = None
         with _transaction(conn):
             if acks:
                 conn.executemany(_ACK, acks)
@@ -493,15 +497,25 @@ class SQLiteConsumer:
                 if not rows:
                     (version,) = conn.execute("PRAGMA data_version").fetchone()
                     (due,) = conn.execute(self._next_due_sql, self._queue_params).fetchone()
-                    return [], version, due
+                    empty = [], version, due
+                    break
                 # SQLite yields UNION ALL arms in order (the priority tests would catch a
                 # change); sorting the few rows fetched is a cheap guard within the batch.
                 rows.sort(key=_delivery_order)
-                deliveries = self._lease(conn, rows, token, now)
-        return deliveries, 0, None
+                deliveries = self._lease(conn, rows, token, now, burying)
+        self._buried += burying  # committed: they are dead letters now
+        return empty or (deliveries, 0, None)
 
-    def _lease(self, conn: sqlite3.Connection, rows: list[Any], token: str, now: float) -> list[Delivery]:
-        """Lease the rows that may be delivered again; dead-letter the rest."""
+    def take_buried(self) -> list[Buried]:
+        """What this consumer dead-lettered after ``max_deliveries`` since the last call."""
+        buried, self._buried = self._buried, []
+        return buried
+
+    def _lease(
+        self, conn: sqlite3.Connection, rows: list[Any], token: str, now: float, buried: list[Buried]
+    ) -> list[Delivery]:
+        """Lease the rows that may be delivered again; dead-letter the rest (those that ran out
+        of deliveries also into ``buried``)."""
         deliveries: list[Delivery] = []
         leases: list[tuple[float, str, int]] = []
         max_deliveries = self.broker.max_deliveries
@@ -515,6 +529,8 @@ class SQLiteConsumer:
                 )
                 _bury(conn, row_id, reason, now)
                 log.warning("message %s of queue %r dead-lettered: %s", row_id, queue, reason)
+                with suppress(MessageError):  # no readable task id: nothing to report
+                    buried.append(Buried(Envelope.from_bytes(body), queue, reason))
                 continue
             try:
                 envelope = Envelope.from_bytes(body)

@@ -170,6 +170,16 @@ class DeadLetter:
 
 
 @dataclass(frozen=True)
+class Buried:
+    """A message a consumer dead-lettered by itself while receiving: its ``max_deliveries``
+    ran out (see :class:`ReportsBuried`)."""
+
+    envelope: Envelope
+    queue: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class OutgoingMessage:
     """One item of :meth:`Broker.publish_many`."""
 
@@ -239,6 +249,18 @@ class AcksWithReceive(Protocol):
     def ack_and_receive(
         self, acks: Sequence[Delivery], timeout_s: float, *, max_messages: int = 1
     ) -> list[Delivery]: ...
+
+
+@runtime_checkable
+class ReportsBuried(Protocol):
+    """Optional: a consumer that says which messages it dead-lettered by itself because their
+    ``max_deliveries`` ran out (the task crashed its worker each time, or its leases kept
+    running out). The worker stores each one's result as FAILURE (``DeliveryLimitExceeded``),
+    so ``get()`` does not wait for a task that will never run. ``take_buried()`` returns
+    those since the last call and forgets them; a message whose frame cannot be read is not
+    reported (it has no readable task id). SQS moves them by its own redrive policy, unseen."""
+
+    def take_buried(self) -> list[Buried]: ...
 
 
 @runtime_checkable

@@ -15,6 +15,7 @@
     ├── ChordError                        a chord's header task failed
     ├── TaskRevokedError                  the task was revoked or expired before it ran
     ├── TimeLimitExceeded                 the hard time limit killed the task
+    ├── DeliveryLimitExceeded             delivered max_deliveries times without an ack; dead-lettered
     ├── SoftTimeLimitExceeded             raised inside the task at its soft time limit
     ├── Retry                             raised by ``self.retry()``: the task is scheduled again
     └── MaxRetriesExceededError           ``self.retry()`` with no exception once retries ran out
@@ -103,6 +104,12 @@ class TaskRevokedError(TaskframeError):
 
 class TimeLimitExceeded(TaskframeError):
     """The task ran past its hard time limit and was stopped."""
+
+
+class DeliveryLimitExceeded(TaskframeError):
+    """The task's message was delivered ``max_deliveries`` times without an ack (the task
+    probably crashed its worker each time) and went to the dead letters instead of running
+    again; ``taskframe dead requeue`` runs it again once the cause is fixed."""
 
 
 class SoftTimeLimitExceeded(TaskframeError):

@@ -23,7 +23,16 @@ from .backend import ChordPart, ChordUnsupported, chord_joiner
 from .broker import Envelope
 from .canvas import Signature
 from .enqueue import resolve_enqueued
-from .exceptions import BackendError, BrokerError, ChordError, MessageError, NotRegistered, Retry, TaskframeError
+from .exceptions import (
+    BackendError,
+    BrokerError,
+    ChordError,
+    DeliveryLimitExceeded,
+    MessageError,
+    NotRegistered,
+    Retry,
+    TaskframeError,
+)
 from .message import Message, parse_isoformat
 from .result import encode_exception
 from .serialization import json_dumps, json_loads
@@ -136,6 +145,25 @@ class Executor:
             )
             reason = f"{type(exc).__name__}: {mask_url(str(exc))}"
             return Outcome("requeue", task_id, None, None, reason, delay_s=self.STORE_RETRY_DELAY_S)
+
+    def fail_dead_lettered(self, envelope: Envelope, queue: str, reason: str) -> None:
+        """The broker dead-lettered this message after ``max_deliveries``: fail its task as if
+        it had raised :class:`DeliveryLimitExceeded` (result, errbacks, chord), so nobody waits
+        for a task that will not run. A result stored already (the task ran; only its ack was
+        lost) is left as it is. Raises BackendError or BrokerError when those fail."""
+        try:
+            message = Message.from_envelope(envelope, self.app.conf.accept_content)
+        except MessageError as exc:
+            log.debug("dead letter %s not failed: %s", envelope.task_id, exc)
+            return
+        task = self._find_task(message)
+        if task is None or message.headers.ignore_result or task.options.ignore_result:
+            return
+        record = self.app.backend.fetch(message.id)
+        if record is not None and record.get("status") in states.READY_STATES:
+            return
+        request = self._request(message, queue, self.app.conf.max_deliveries)
+        self._on_failure(task, message, request, DeliveryLimitExceeded(reason), None)
 
     def _execute(self, envelope: Envelope, queue: str, deliveries: int) -> Outcome:
         try:
@@ -316,9 +344,11 @@ class Executor:
         message: Message,
         request: Request,
         exc: Exception,
-        runtime_s: float,
+        runtime_s: float | None,
     ) -> Outcome:
-        text = _format_traceback(exc)
+        """Store FAILURE, send the errbacks, count the chord member; ``runtime_s`` None: the
+        task did not run (dead-lettered), no traceback and no log line of its own."""
+        text = _format_traceback(exc) if runtime_s is not None else None
         if not (message.headers.ignore_result or task.options.ignore_result):
             store_state(
                 self.app,
@@ -328,13 +358,14 @@ class Executor:
                 request=request,
                 traceback=text,
             )
-        log.error(
-            "Task %s[%s] raised unexpected: %r (after %.4fs)",
-            message.task,
-            message.id,
-            exc,
-            runtime_s,
-        )
+        if runtime_s is not None:
+            log.error(
+                "Task %s[%s] raised unexpected: %r (after %.4fs)",
+                message.task,
+                message.id,
+                exc,
+                runtime_s,
+            )
         for errback in message.embed.errbacks or []:
             self._send_follow_up(Signature.from_dict(errback, self.app), message, (message.id,))
         if message.embed.chord:

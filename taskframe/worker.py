@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from . import states
-from .broker import AcksWithReceive, Consumer, Delivery, ack_all
+from .broker import AcksWithReceive, Consumer, Delivery, ReportsBuried, ack_all
 from .exceptions import BackendError, BrokerConnectionError, BrokerError, TaskframeError
 from .execution import Executor, Outcome, discard, store_state
 from .pools import Job, SoloPool, WorkerTerminate, create_pool
@@ -87,6 +87,8 @@ class Worker:
         self._acks_due: list[Delivery] = []
         self._defer_acks = False
         self._acks_ride = False  # the consumer is an AcksWithReceive (known once per consumer)
+        self._reports_buried = False  # the consumer is a ReportsBuried (known once per consumer)
+        self._executor = Executor(app, self.name)  # for what the main loop fails itself
         self._reconnected_at = -RECONNECT_DELAY_S  # time.monotonic() of the last reconnect
         self._held: dict[int, Job] = {}  # id(delivery) -> job, every message whose lease we keep
         self._held_lock = threading.Lock()
@@ -103,8 +105,7 @@ class Worker:
         if self.install_signals:
             self._install_signal_handlers()
         try:
-            self._consumer = self._connect()
-            self._acks_ride = isinstance(self._consumer, AcksWithReceive)
+            self._adopt(self._connect())
         except BrokerError as exc:
             log.error("%s", mask_url(str(exc)))
             return 1
@@ -187,6 +188,12 @@ class Worker:
                 time.sleep(min(delay_s, remaining))
                 delay_s = min(delay_s * 2, MAX_RECONNECT_DELAY_S)
 
+    def _adopt(self, consumer: Consumer) -> None:
+        self._consumer = consumer
+        # Checked once per consumer: isinstance of a runtime Protocol is slow.
+        self._acks_ride = isinstance(consumer, AcksWithReceive)
+        self._reports_buried = isinstance(consumer, ReportsBuried)
+
     # -- the loop ----------------------------------------------------------------------------
 
     def _run_once(self) -> None:
@@ -209,6 +216,8 @@ class Worker:
         # only delay its exit.
         short = bool(self._held) or self.burst
         deliveries = self._receive(BUSY_RECEIVE_S if short else IDLE_RECEIVE_S, room)
+        if self._reports_buried:
+            self._record_buried()
         if deliveries is None:
             return
         if not deliveries and self.burst and not self._held:
@@ -258,6 +267,20 @@ class Worker:
             self._ack(acks)  # settles them the careful way (one by one, logged if refused)
             return None
 
+    def _record_buried(self) -> None:
+        """Fail the tasks the consumer dead-lettered after ``max_deliveries`` (each crashed its
+        worker, or its leases kept running out), so ``get()`` does not wait for a task that
+        will not run (``Executor.fail_dead_lettered``)."""
+        for buried in cast(ReportsBuried, self._consumer).take_buried():
+            try:
+                self._executor.fail_dead_lettered(buried.envelope, buried.queue, buried.reason)
+            except TaskframeError as exc:
+                log.warning(
+                    "could not store the failure of dead-lettered task %s: %s",
+                    buried.envelope.task_id,
+                    mask_url(str(exc)),
+                )
+
     def _flush_acks(self) -> None:
         acks, self._acks_due = self._acks_due, []
         self._ack(acks)
@@ -277,8 +300,7 @@ class Worker:
         delay_s = RECONNECT_DELAY_S
         while not self._stop.is_set():
             try:
-                self._consumer = self.app.broker.consumer(self.queues, prefetch=self.concurrency + self.prefetch)
-                self._acks_ride = isinstance(self._consumer, AcksWithReceive)
+                self._adopt(self.app.broker.consumer(self.queues, prefetch=self.concurrency + self.prefetch))
                 self._reconnected_at = time.monotonic()
                 log.info("reconnected to the broker")
                 return

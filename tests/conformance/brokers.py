@@ -53,6 +53,9 @@ class BrokerSpec:
     #: ``purge()`` leaves reserved (leased) messages alone. False for sqs: SQS's PurgeQueue deletes
     #: in-flight messages too, and nothing else removes delayed ones.
     purge_keeps_reserved: bool = True
+    #: The consumer reports what it dead-lettered after ``max_deliveries`` (``ReportsBuried``).
+    #: False for sqs: its redrive policy moves them on the server, unseen.
+    reports_buried: bool = True
 
 
 BROKERS: list[BrokerSpec] = [
@@ -96,6 +99,7 @@ BROKERS: list[BrokerSpec] = [
         lease_s=2.0,
         unavailable=sqs_server.unavailable,
         purge_keeps_reserved=False,
+        reports_buried=False,
     ),
     # RabbitMQ: a vhost per test session (tests/rabbitmq_service.py); queues with x-max-priority 9.
     BrokerSpec(

@@ -21,7 +21,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -33,6 +33,7 @@ from taskframe.broker import (
     Envelope,
     FramePublisher,
     OutgoingMessage,
+    ReportsBuried,
 )
 from taskframe.exceptions import BrokerError, ConfigurationError
 from taskframe.registry import create_broker
@@ -486,6 +487,13 @@ def test_dead_letter_after_max_deliveries_then_requeue_and_purge(
     [dead] = broker.dead_letters(queue)
     assert (dead.task, dead.queue, dead.deliveries, dead.envelope) == ("tasks.crash", queue, 2, sent)
     assert "max_deliveries=2" in dead.reason
+    # And the consumer says so, once, so the worker can store the task's FAILURE
+    assert isinstance(consumer, ReportsBuried) == broker_spec.reports_buried
+    if broker_spec.reports_buried:
+        [buried] = cast(ReportsBuried, consumer).take_buried()
+        assert (buried.envelope, buried.queue) == (sent, queue)
+        assert "max_deliveries=2" in buried.reason
+        assert cast(ReportsBuried, consumer).take_buried() == []
 
     # When it is requeued, Then it runs again with a fresh count, and can be acked
     assert broker.requeue_dead(queue) == 1

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from taskframe.exceptions import TimeLimitExceeded
+from taskframe.exceptions import DeliveryLimitExceeded, TimeLimitExceeded
 from tests.conftest import stop_worker
 
 pytestmark = pytest.mark.slow
@@ -102,6 +102,12 @@ def test_a_message_that_kills_its_worker_is_dead_lettered(make_tasks: Any, worke
     tasks.wait_for_line("crashes.txt", 3)
     assert tasks.add.delay(20, 22).get(timeout=20) == 42
     assert len(tasks.lines("crashes.txt")) == 3
+    # And its caller is told, instead of waiting on PENDING forever (on SQS the redrive policy
+    # moves it on the server, unseen by the worker: it stays PENDING there)
+    if not worker_broker_url.startswith("sqs"):
+        with pytest.raises(DeliveryLimitExceeded, match=r"delivered 3 times .*max_deliveries=3"):
+            poison.get(timeout=10)
+        assert poison.state == "FAILURE"
     listed = subprocess.run(
         [sys.executable, "-m", "taskframe", "dead", "list", "-A", tasks.name, "--json"],
         cwd=tasks.dir,

@@ -14,6 +14,7 @@ from taskframe import App, chain, chord, group
 from taskframe.broker import Envelope
 from taskframe.exceptions import (
     ChordError,
+    DeliveryLimitExceeded,
     NotRegistered,
     SoftTimeLimitExceeded,
     TaskError,
@@ -162,6 +163,31 @@ def test_chord_header_failure_is_a_chord_error(app: App) -> None:
         result = chord([add.s(1, 1), fail.s("header broke")], tsum.s()).delay()
         with pytest.raises(ChordError, match="header broke"):
             result.get(timeout=10)
+
+
+def test_a_dead_lettered_task_fails_with_its_errbacks_and_its_chord(app: App) -> None:
+    # Given max_deliveries=1, a task with an errback and a chord, whose messages were each
+    # delivered once and never acked (their worker died: here a consumer lets the leases run out)
+    app.conf.max_deliveries = 1
+    app.conf.visibility_timeout = 0.2
+    add, tsum, record = app.tasks["t.add"], app.tasks["t.tsum"], app.tasks["t.record"]
+    lone = add.apply_async((1, 2), link_error=record.s())
+    joined = chord([add.s(1, 1)], tsum.s()).delay()
+    crashed = app.broker.consumer([app.conf.default_queue], prefetch=2).receive(1.0, max_messages=2)
+    assert len(crashed) == 2
+    time.sleep(0.4)
+    # When a worker finds them, Then it dead-letters them and fails each task at once:
+    # its result, its errback, and its chord (whose body does not run)
+    with start_worker(app):
+        with pytest.raises(DeliveryLimitExceeded, match=r"delivered 1 times .*max_deliveries=1"):
+            lone.get(timeout=10)
+        with pytest.raises(ChordError, match="DeliveryLimitExceeded"):
+            joined.get(timeout=10)
+        deadline = time.monotonic() + 5
+        while not app.calls and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.02)
+    assert app.calls == [(lone.id,)]  # type: ignore[attr-defined]
+    assert app.broker.stats(app.conf.default_queue).dead == 2
 
 
 def test_a_celery_chord_on_a_backend_that_cannot_join_it_fails_its_body_clearly(app: App) -> None:
