@@ -177,6 +177,7 @@ from taskframe.broker import (
     DEFAULT_PRIORITY,
     MAX_PRIORITY,
     Buried,
+    BuriedLog,
     DeadLetter,
     Delivery,
     Envelope,
@@ -870,19 +871,26 @@ class _Link:
     def _take(self, timeout_s: float) -> None:
         with self._cond:
             self._check_open()
-            self._waiting += 1
-            try:
-                if self._listening:
-                    self._poke()
-                if not self._cond.wait_for(lambda: self._owner is None, timeout_s):
-                    msg = (
-                        f"RabbitMQ at {mask_url(self.url)} did not answer within {timeout_s:g}s;"
-                        " is it overloaded, or blocked by a memory or disk alarm (rabbitmqctl status)?"
-                    )
-                    raise BrokerError(msg)
-                self._owner = threading.get_ident()
-            finally:
-                self._waiting -= 1
+            if not self._wait_turn(timeout_s):
+                msg = (
+                    f"RabbitMQ at {mask_url(self.url)} did not answer within {timeout_s:g}s;"
+                    " is it overloaded, or blocked by a memory or disk alarm (rabbitmqctl status)?"
+                )
+                raise BrokerError(msg)
+
+    def _wait_turn(self, timeout_s: float) -> bool:
+        """With the condition held: wait until nobody holds the connection (a listening holder
+        is poked to let go), then hold it; False after ``timeout_s``."""
+        self._waiting += 1
+        try:
+            if self._listening:
+                self._poke()
+            if not self._cond.wait_for(lambda: self._owner is None, timeout_s):
+                return False
+            self._owner = threading.get_ident()
+            return True
+        finally:
+            self._waiting -= 1
 
     def _give_back(self) -> None:
         while True:
@@ -963,20 +971,12 @@ class _Link:
             if self._closing:
                 return
             self._closing = True
-            self._cond.notify_all()
+            self._cond.notify_all()  # the keeper stops; a listener wakes to its _check_open
             self._poke()
-        if self._owner != threading.get_ident():
-            with self._cond:
-                self._waiting += 1
-                try:
-                    taken = self._cond.wait_for(lambda: self._owner is None, timeout_s)
-                    if taken:
-                        self._owner = threading.get_ident()
-                finally:
-                    self._waiting -= 1
-            if not taken:
-                log.debug("%s: the connection was still in use at close", mask_url(self.url))
-                return
+            taken = self._owner == threading.get_ident() or self._wait_turn(timeout_s)
+        if not taken:
+            log.debug("%s: the connection was still in use at close", mask_url(self.url))
+            return
         try:
             self._shutdown()
         finally:
@@ -1546,7 +1546,7 @@ class AMQPConsumer:
         self.id = uuid.uuid4().hex[:16]
         self._lock = threading.Lock()
         self._state = _State()
-        self._buried: list[Buried] = []  # guarded by the lock (leases run out on the keeper thread)
+        self._buried = BuriedLog()  # leases also run out on the keeper thread
         self._rang = False
         self._lost: str | None = None
         self._closed = False
@@ -1577,9 +1577,7 @@ class AMQPConsumer:
 
     def take_buried(self) -> list[Buried]:
         """What this consumer dead-lettered after ``max_deliveries`` since the last call."""
-        with self._lock:
-            buried, self._buried = self._buried, []
-        return buried
+        return self._buried.take()
 
     def ack(self, delivery: Delivery) -> None:
         """Send the ack, or leave it to the connection's holder (``_Link.submit``): basic.ack
@@ -1827,8 +1825,7 @@ class AMQPConsumer:
             )
             self._io_bury(pending, envelope, before, reason)
             log.warning("task %s of queue %r dead-lettered: %s", envelope.task_id, pending.queue, reason)
-            with self._lock:
-                self._buried.append(Buried(envelope, pending.queue, reason))
+            self._buried.add(envelope, pending.queue, reason)
             return None
         if pending.redelivered and not quorum:
             # Persist the count before it runs again, so a task that kills its worker stops.
@@ -1930,8 +1927,7 @@ class AMQPConsumer:
                 )
                 self._io_bury(lease.pending, delivery.envelope, delivery.deliveries, reason)
                 log.warning("task %s dead-lettered: %s", delivery.envelope.task_id, reason)
-                with self._lock:
-                    self._buried.append(Buried(delivery.envelope, delivery.queue, reason))
+                self._buried.add(delivery.envelope, delivery.queue, reason)
                 continue
             log.warning(
                 "lease of task %s ran out (visibility_timeout=%gs without renew); handed back to %r",

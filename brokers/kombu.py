@@ -129,6 +129,7 @@ from taskframe.broker import (
     DEFAULT_PRIORITY,
     MAX_PRIORITY,
     Buried,
+    BuriedLog,
     DeadLetter,
     Delivery,
     Envelope,
@@ -643,13 +644,11 @@ class KombuConsumer:
         self.queues = list(queues)
         self.closed = False
         self.delays_checked_at = 0.0  # monotonic
-        self._buried: list[Buried] = []  # appended under the broker's lock (in io())
+        self._buried = BuriedLog()
 
     def take_buried(self) -> list[Buried]:
         """What this consumer dead-lettered after ``max_deliveries`` since the last call."""
-        with self.broker.lock:
-            buried, self._buried = self._buried, []
-        return buried
+        return self._buried.take()
 
     def __repr__(self) -> str:
         return f"KombuConsumer({mask_url(self.broker.url)!r}, {self.queues!r})"
@@ -699,7 +698,7 @@ class KombuConsumer:
         if before + 1 > max_deliveries:
             reason = f"delivered {before} times without an ack (max_deliveries={max_deliveries})"
             self._bury(link, queue, message, envelope, before, reason)
-            self._buried.append(Buried(envelope, queue, reason))
+            self._buried.add(envelope, queue, reason)
             return None
         if redelivered:  # at the tail with the count raised, and a new delivery tag
             link.publish(self.broker.outgoing(queue, envelope, _priority_of(envelope), deliveries=before))
@@ -733,7 +732,7 @@ class KombuConsumer:
             if lease.deliveries >= max_deliveries:
                 reason = f"delivered {lease.deliveries} times without an ack (max_deliveries={max_deliveries})"
                 self._bury(link, lease.queue, lease.message, lease.envelope, lease.deliveries, reason)
-                self._buried.append(Buried(lease.envelope, lease.queue, reason))
+                self._buried.add(lease.envelope, lease.queue, reason)
             else:
                 priority = _priority_of(lease.envelope)
                 link.publish(self.broker.outgoing(lease.queue, lease.envelope, priority, deliveries=lease.deliveries))

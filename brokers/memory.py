@@ -31,7 +31,6 @@ late ack after the message was received again by someone else is a no-op.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import itertools
 import logging
@@ -45,6 +44,7 @@ from typing import TYPE_CHECKING, ClassVar
 from taskframe.broker import (
     DEFAULT_PRIORITY,
     Buried,
+    BuriedLog,
     DeadLetter,
     Delivery,
     Envelope,
@@ -217,7 +217,7 @@ class MemoryBroker:
     def consumer(self, queues: Sequence[str], *, prefetch: int) -> MemoryConsumer:
         return MemoryConsumer(self, queues, prefetch=prefetch)
 
-    def _claim(self, queues: Sequence[str], limit: int, token: str, buried: list[Buried]) -> list[Delivery]:
+    def _claim(self, queues: Sequence[str], limit: int, token: str, buried: BuriedLog) -> list[Delivery]:
         """Lease up to ``limit`` ready messages; callers hold self._cond. What ran out of
         deliveries is dead-lettered and added to ``buried``."""
         now = time.monotonic()
@@ -237,7 +237,7 @@ class MemoryBroker:
                 deliveries.append(delivery)
         return deliveries
 
-    def _lease(self, message: _Message, token: str, now: float, buried: list[Buried]) -> Delivery | None:
+    def _lease(self, message: _Message, token: str, now: float, buried: BuriedLog) -> Delivery | None:
         if message.deliveries >= self.max_deliveries:
             reason = (
                 f"delivered {message.deliveries} times without an ack"
@@ -245,8 +245,7 @@ class MemoryBroker:
             )
             self._bury(message, reason)
             log.warning("message %s of queue %r dead-lettered: %s", message.id, message.queue, reason)
-            with contextlib.suppress(MessageError):  # no readable task id: nothing to report
-                buried.append(Buried(Envelope.from_bytes(message.body), message.queue, reason))
+            buried.add_frame(message.body, message.queue, reason)
             return None
         try:
             envelope = Envelope.from_bytes(message.body)
@@ -334,15 +333,14 @@ class MemoryConsumer:
         self.id = uuid.uuid4().hex[:16]
         self._receipts = itertools.count(1)
         self._closed = False
-        self._buried: list[Buried] = []
+        self._buried = BuriedLog()
 
     def __repr__(self) -> str:
         return f"<MemoryConsumer {self.id} of {self.queues} on {self.broker!r}>"
 
     def take_buried(self) -> list[Buried]:
         """What this consumer dead-lettered after ``max_deliveries`` since the last call."""
-        buried, self._buried = self._buried, []
-        return buried
+        return self._buried.take()
 
     def receive(self, timeout_s: float, *, max_messages: int = 1) -> list[Delivery]:
         check_receive(self, closed=self._closed, max_messages=max_messages)

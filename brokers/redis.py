@@ -159,6 +159,7 @@ from redis.retry import Retry
 from taskframe.broker import (
     DEFAULT_PRIORITY,
     Buried,
+    BuriedLog,
     DeadLetter,
     Delivery,
     Envelope,
@@ -1135,7 +1136,7 @@ class RedisConsumer:
         wake = _SCRIPT_KEYS["receive"].index("wake")
         self._wake_keys = [broker.keys(queue, "receive")[wake] for queue in self.queues]
         self._closed = False
-        self._buried: list[Buried] = []
+        self._buried = BuriedLog()
         # No script can span cluster slots: then a receive peeks at each queue, then leases
         # from each, and an idle wait blocks on the first queue only, a slice at a time.
         across_slots = broker.cluster and len({key_slot(key) for key in self._wake_keys}) > 1
@@ -1249,17 +1250,12 @@ class RedisConsumer:
         broker = self.broker
         for i in range(0, len(buried), 3):
             queue, message_id, count = queues[int(buried[i]) - 1], buried[i + 1].decode(), int(buried[i + 2])
-            log.warning(
-                "message %s of queue %r dead-lettered: delivered %d times without an ack (max_deliveries=%d)",
-                message_id,
-                queue,
-                count,
-                broker.max_deliveries,
-            )
+            # The receive script's own reason (it stores it with the dead letter).
             reason = (
                 f"delivered {count} times without an ack (max_deliveries={broker.max_deliveries}):"
                 " the task probably crashed its worker"
             )
+            log.warning("message %s of queue %r dead-lettered: %s", message_id, queue, reason)
             self._report_buried(queue, message_id, reason)
         deliveries = []
         for i in range(0, len(leased), 4):
@@ -1283,14 +1279,13 @@ class RedisConsumer:
         try:
             body = self.broker._connection().client.hget(self.broker.keys(queue, "dead_list")[0], message_id)
             if isinstance(body, bytes) and body:
-                self._buried.append(Buried(Envelope.from_bytes(body), queue, reason))
-        except (redis.exceptions.RedisError, MessageError) as exc:
+                self._buried.add_frame(body, queue, reason)
+        except redis.exceptions.RedisError as exc:
             log.debug("dead letter %s of %r not reported: %s", message_id, queue, exc)
 
     def take_buried(self) -> list[Buried]:
         """What this consumer dead-lettered after ``max_deliveries`` since the last call."""
-        buried, self._buried = self._buried, []
-        return buried
+        return self._buried.take()
 
     def _block(self, timeout_s: float) -> None:
         """On a cluster, wait on the queues' wake-up tokens for a publish, a requeue or a new

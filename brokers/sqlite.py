@@ -52,7 +52,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from taskframe.broker import (
@@ -60,6 +60,7 @@ from taskframe.broker import (
     MAX_PRIORITY,
     MIN_PRIORITY,
     Buried,
+    BuriedLog,
     DeadLetter,
     Delivery,
     Envelope,
@@ -450,7 +451,7 @@ class SQLiteConsumer:
         self._next_due_sql = _next_due_sql(len(self.queues))
         self._queue_params = {f"q{i}": q for i, q in enumerate(self.queues)}
         self._closed = False
-        self._buried: list[Buried] = []
+        self._buried = BuriedLog()
 
     def __repr__(self) -> str:
         return f"<SQLiteConsumer {self.id} of {self.queues} on {self.broker!r}>"
@@ -486,7 +487,7 @@ class SQLiteConsumer:
         conn = self.broker._conn()
         token = f"{self.id}.{next(self._receipts)}"
         deliveries: list[Delivery] = []
-        burying: list[Buried] = []
+        burying = BuriedLog()
         empty: tuple[list[Delivery], int, float | None] | None = None
         with _transaction(conn):
             if acks:
@@ -503,16 +504,15 @@ class SQLiteConsumer:
                 # change); sorting the few rows fetched is a cheap guard within the batch.
                 rows.sort(key=_delivery_order)
                 deliveries = self._lease(conn, rows, token, now, burying)
-        self._buried += burying  # committed: they are dead letters now
+        self._buried.extend(burying)  # committed: they are dead letters now
         return empty or (deliveries, 0, None)
 
     def take_buried(self) -> list[Buried]:
         """What this consumer dead-lettered after ``max_deliveries`` since the last call."""
-        buried, self._buried = self._buried, []
-        return buried
+        return self._buried.take()
 
     def _lease(
-        self, conn: sqlite3.Connection, rows: list[Any], token: str, now: float, buried: list[Buried]
+        self, conn: sqlite3.Connection, rows: list[Any], token: str, now: float, buried: BuriedLog
     ) -> list[Delivery]:
         """Lease the rows that may be delivered again; dead-letter the rest (those that ran out
         of deliveries also into ``buried``)."""
@@ -529,8 +529,7 @@ class SQLiteConsumer:
                 )
                 _bury(conn, row_id, reason, now)
                 log.warning("message %s of queue %r dead-lettered: %s", row_id, queue, reason)
-                with suppress(MessageError):  # no readable task id: nothing to report
-                    buried.append(Buried(Envelope.from_bytes(body), queue, reason))
+                buried.add_frame(body, queue, reason)
                 continue
             try:
                 envelope = Envelope.from_bytes(body)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -177,6 +178,37 @@ class Buried:
     envelope: Envelope
     queue: str
     reason: str
+
+
+class BuriedLog:
+    """What a consumer dead-lettered by itself, kept until ``take_buried`` (see
+    :class:`ReportsBuried`); thread-safe, as leases may run out on another thread."""
+
+    def __init__(self) -> None:
+        self._items: list[Buried] = []
+        self._lock = threading.Lock()
+
+    def add(self, envelope: Envelope, queue: str, reason: str) -> None:
+        with self._lock:
+            self._items.append(Buried(envelope, queue, reason))
+
+    def add_frame(self, frame: bytes, queue: str, reason: str) -> None:
+        """``add`` of a stored frame; one that cannot be read has no task id to report."""
+        try:
+            envelope = Envelope.from_bytes(frame)
+        except MessageError:
+            return
+        self.add(envelope, queue, reason)
+
+    def extend(self, other: BuriedLog) -> None:
+        items = other.take()
+        with self._lock:
+            self._items += items
+
+    def take(self) -> list[Buried]:
+        with self._lock:
+            items, self._items = self._items, []
+        return items
 
 
 @dataclass(frozen=True)
