@@ -37,7 +37,6 @@ else lives in separate objects:
   ``x-taskframe-deliveries`` and ``x-taskframe-dead-at`` headers.
 * ``Q.delay.<2^k>ms``: the delay queues (below); exchanges ``taskframe.delay.<2^k>ms`` and
   ``taskframe.delay.deliver`` are shared by every queue of the vhost.
-* ``taskframe.bell.<id>``: an exclusive, auto-deleted queue per idle consumer (below).
 
 Delays without a plugin
 =======================
@@ -62,7 +61,7 @@ it, held by one thread at a time (``_Link``): a receive, an ack or a publish tak
 connection, does its work on the caller's own thread and gives it back, so it costs its
 network round trip and no thread hop. An ack never waits: when another thread holds the
 connection, the holder sends it before letting go. A holder that only waits for events (an
-idle consumer listening for its bell) lets other threads in: a thread that wants the
+idle consumer waiting for a message) lets other threads in: a thread that wants the
 connection pokes it (``add_callback_threadsafe``) and the listener yields at once. A keeper
 thread (``taskframe-amqp``) drives the connection whenever nobody else has for ``TICK_S``:
 heartbeats keep flowing while a ``solo`` worker runs a 10-minute task and calls nothing, and
@@ -77,22 +76,31 @@ queue sends ``max_messages`` gets at once, in one write, and RabbitMQ answers th
 order, so a batch costs one round trip, not one per message; a consumer of several queues asks each queue
 for one candidate at once, then one get per message taken (the most urgent candidate).
 The worker's ``max_messages`` (free slots + ``worker_prefetch``) bounds what it holds;
-``basic.qos`` does not apply to ``basic.get``. When nothing is ready the consumer binds its
-bell queue to each queue's exchange (and to the delay delivery) and listens until a copy of
-a new message rings it, then gets the message itself. The bell stays bound while the
-consumer alternates between work and idle waits, and is unbound once it has found work on
-every receive for ``BELL_KEEP_S`` (so copies, which carry the whole body, do not flow to a
-busy consumer for long); unbinding right away put two binding changes, ~3 ms, into every
-idle round trip. A message published to ``Q`` through another exchange (e.g. the default
-one) does not ring: it is found by the next ``receive``. ``ack_many`` acks a finished batch
-with one ``basic.ack(multiple=True)`` when no other delivery of the channel below the
-highest tag is still held, else one ack per delivery; ``ack_and_receive`` (what a worker
-calls between batches) writes those ack frames and the next gets in one write.
+``basic.qos`` does not apply to ``basic.get``. When nothing is ready the consumer listens:
+it registers a consumer (``basic.consume``) on each of its queues with a prefetch of one,
+and RabbitMQ pushes the next message the moment it arrives. That is the fast way to an idle
+worker: a classic queue answers a ``basic.get`` for a fresh persistent message only once it
+has written it to disk (~0.3-0.5 ms here), while it pushes it to a waiting consumer before.
+A pushed message is returned alone (a get for the rest of a batch would wait for that
+write); the next receive gets the rest. The listeners live only while the consumer waits:
+one queue's listener, holding its one message, is sent nothing more and is cancelled without
+a wait; the listeners of several queues, and any listener when the wait times out, are
+cancelled and waited for (Basic.CancelOk), so a message sent meanwhile is taken by this
+receive, not held by nobody, and a receive that returns holds nothing it did not return
+(besides one candidate per queue, as above). ``basic.cancel`` is written directly: pika's
+own rejects what arrives before the CancelOk, which would come back marked redelivered and
+count as a delivery.
+
+``ack_many`` acks a finished batch with one ``basic.ack(multiple=True)`` when no other
+delivery of the channel below the highest tag is still held, else one ack per delivery;
+``ack_and_receive`` (what a worker calls between batches) writes those ack frames and the
+next gets in one write.
 
 Speed (issue #6; one 2-core host shared with other jobs, so figures vary by 2x between runs;
 see docs/brokers/rabbitmq.md): in one process, receive+ack of batches of 5 went from
-~2,300 to ~4,500-7,000 a second, and an idle consumer gets a new message ~0.5 ms after the
-publish returns instead of ~4 ms. Driving the connection from the caller's thread instead
+~2,300 to ~4,500-7,000 a second. An idle consumer in another process has a new message
+~0.47 ms after the publish call began (it was ~4 ms with a polling get, then ~0.95 ms with
+a wake-up queue that was sent a copy and a get after it). Driving the connection from the caller's thread instead
 of a dedicated I/O thread (a hop there and back per call) took an in-process solo worker's
 drain from ~3,600 to ~4,200 tasks a second. A one-call ``publish`` (~1,100 a second here,
 ~0.9 ms, as raw pika's ~0.85 ms with the same headers) is bound by RabbitMQ's confirm of a
@@ -220,8 +228,6 @@ DELAY_LEVELS = 32
 MAX_DELAY_MS = 2**DELAY_LEVELS - 1
 #: Messages moved per confirm round trip by requeue_dead.
 REQUEUE_BATCH = 200
-#: Seconds a consumer must keep finding work before it unbinds its bell (see "Consuming").
-BELL_KEEP_S = 1.0
 
 HEADER_DELIVERIES = "x-taskframe-deliveries"
 HEADER_PROPERTIES = "x-taskframe-properties"
@@ -813,7 +819,7 @@ class _Link:
     ack or a publish costs its network round trip, not two context switches). ``submit``
     runs work the same way when the connection is free and otherwise leaves it to the holder,
     who runs it before letting go, so an ack never waits. A holder that only waits for events
-    (an idle consumer listening for its bell) lets waiting threads take a turn: they poke
+    (an idle consumer waiting for a message) lets waiting threads take a turn: they poke
     the connection (``add_callback_threadsafe``, its one thread-safe call) and it yields.
     The keeper thread (``taskframe-amqp``) drives the connection when nobody else does, at
     least every ``TICK_S`` (and at the next lease deadline): heartbeats flow while a ``solo``
@@ -1529,6 +1535,7 @@ class _State:
 
     leases: dict[int, _Lease] = field(default_factory=dict)
     candidates: dict[int, _Pending] = field(default_factory=dict)
+    pushed: list[_Pending] = field(default_factory=list)  # delivered to an idle wait, not yet taken
 
 
 class AMQPConsumer:
@@ -1547,15 +1554,14 @@ class AMQPConsumer:
         self._lock = threading.Lock()
         self._state = _State()
         self._buried = BuriedLog()  # leases also run out on the keeper thread
-        self._rang = False
         self._lost: str | None = None
         self._closed = False
         # Connection-thread state.
         self._channel: Any = None
         self._epoch = 0
-        self._bell: str | None = None
-        self._bell_bound = False
-        self._busy_since: float | None = None
+        self._listeners: dict[str, int] = {}  # consumer tag -> queue index, while waiting idle
+        self._cancelling: dict[str, int] = {}  # listeners cancelled, Basic.CancelOk not yet in
+        self._dropped = False  # RabbitMQ cancelled a listener
         self._getter: _Getter | None = None
         self._link = broker._link()
         self._link.call(self._io_open)
@@ -1631,7 +1637,8 @@ class AMQPConsumer:
         """Deliveries of ``queue`` this consumer holds (leased, or got and not yet returned)."""
         with self._lock:
             leased = sum(1 for lease in self._state.leases.values() if lease.pending.queue == queue)
-            return leased + sum(1 for p in self._state.candidates.values() if p.queue == queue)
+            waiting = [*self._state.candidates.values(), *self._state.pushed]
+            return leased + sum(1 for p in waiting if p.queue == queue)
 
     def next_deadline(self) -> float | None:
         with self._lock:
@@ -1651,10 +1658,22 @@ class AMQPConsumer:
         for queue in self.queues:
             link.declare(queue)
         self._channel = link.connection.channel()
+        # Per consumer (global=False): an idle wait's listener is pushed one message at a
+        # time. basic.get, which brings everything else, is not subject to it.
+        self._channel.basic_qos(prefetch_count=1)
         self._getter = _Getter(link, self._channel)
         self._epoch += 1
-        self._bell = None
-        self._bell_bound = False
+        self._listeners.clear()
+        self._cancelling.clear()
+        # The listeners are consumers of the channel's asynchronous object: BlockingChannel's
+        # own handlers of their replies expect its basic_consume (one at a time) and would
+        # fail on theirs, so they are replaced (this channel's BlockingChannel.basic_consume
+        # must not be used).
+        impl, number = self._channel._impl, self._channel.channel_number
+        impl.callbacks.remove(number, pika.spec.Basic.ConsumeOk, self._channel._basic_consume_ok_result.signal_once)
+        impl.callbacks.remove(number, pika.spec.Basic.Cancel, self._channel._on_consumer_cancelled_by_broker)
+        impl.add_on_cancel_callback(self._on_server_cancel)
+        impl.callbacks.add(number, pika.spec.Basic.CancelOk, self._on_cancel_ok, False)
         link.consumers[self.id] = self
 
     def _io_check(self) -> Any:
@@ -1682,7 +1701,7 @@ class AMQPConsumer:
             # Closed by RabbitMQ since the last call (e.g. its consumer_timeout): say so once.
             reason = getattr(channel, "_closing_reason", None)
             with self._lock:
-                held = len(self._state.leases) + len(self._state.candidates)
+                held = len(self._state.leases) + len(self._state.candidates) + len(self._state.pushed)
                 self._state = _State()
             self._channel = None
             if held:
@@ -1695,12 +1714,12 @@ class AMQPConsumer:
 
     def io_connection_lost(self, reason: str) -> None:
         with self._lock:
-            held = len(self._state.leases) + len(self._state.candidates)
+            held = len(self._state.leases) + len(self._state.candidates) + len(self._state.pushed)
             self._state = _State()
             self._lost = reason if not self._closed else None
         self._channel = None
-        self._bell = None
-        self._bell_bound = False
+        self._listeners.clear()
+        self._cancelling.clear()
         if held and not self._closed:
             log.warning("%d message(s) held by %r went back to their queues: %s", held, self, reason)
 
@@ -1732,17 +1751,24 @@ class AMQPConsumer:
             self._io_ack_many(acks, ride=True)
         try:
             while True:
-                self._rang = False  # before looking: a ring from now on means look again
                 deliveries = self._io_collect(max_messages)
                 if deliveries:
                     return deliveries
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return []
-                if not self._bell_bound:
-                    self._io_bind_bell()
-                    continue  # a message may have come between the get and the bind
-                self._link.listen(lambda: self._rang or self._lost is not None, remaining)
+                    break
+                if not self._listeners:
+                    # RabbitMQ pushes what is ready at once, so a message that came between
+                    # the gets and the listeners is not missed.
+                    self._io_listen()
+                self._link.listen(self._woken, remaining)
+                if not self._woken() and time.monotonic() >= deadline:
+                    break
+            if not self._listeners:
+                return []
+            # Timed out: stop listening, and take what was pushed before RabbitMQ heard it.
+            self._io_unlisten(wait=True)
+            return self._io_collect(max_messages) if self._state.pushed else []
         except (pika.exceptions.AMQPConnectionError, OSError) as exc:
             # Noticed here first: say what it means for this consumer (``_io_check``).
             self._link.lost(exc)
@@ -1752,26 +1778,46 @@ class AMQPConsumer:
             if self._getter is not None:
                 self._getter.flush()  # acks that found no get to ride with
 
+    def _woken(self) -> bool:
+        return bool(self._state.pushed) or self._dropped or self._lost is not None
+
     def _io_collect(self, max_messages: int) -> list[Delivery]:
         channel = self._io_check()
         out: list[Delivery] = []
-        if len(self.queues) == 1:
+        if self._listeners:
+            # Woken: stop listening. One queue's listener, with its one message unacked, is
+            # sent nothing more, so it is cancelled without a wait; the listeners of several
+            # queues may each have a message on the way: wait until RabbitMQ has them all back.
+            self._io_unlisten(wait=len(self.queues) > 1 or not self._state.pushed)
+        self._dropped = False
+        if self._state.pushed:
+            # Returned alone: a basic.get for the rest of a batch would wait for RabbitMQ to
+            # write the message just pushed (see "Consuming"); the next receive takes them.
+            self._io_take_pushed(max_messages, out)
+        elif len(self.queues) == 1:
             self._io_collect_one(channel, max_messages, out)
         else:
             self._io_collect_across(channel, max_messages, out)
-        if out:
-            # Unbinding the bell costs RabbitMQ two binding changes: done only once the consumer
-            # has been busy for a while, never for the message that has just rung it.
-            now = time.monotonic()
-            if self._busy_since is None:
-                self._busy_since = now
-            elif self._bell_bound and now - self._busy_since >= BELL_KEEP_S:
-                self._io_unbind_bell()
-        else:
-            self._busy_since = None
         if not out and self._lost is not None:
             self._io_check()  # raises
         return out
+
+    def _io_take_pushed(self, max_messages: int, out: list[Delivery]) -> None:
+        """Lease what listeners were pushed, most urgent first, queues in order on ties; what
+        does not fit in ``max_messages`` waits as its queue's candidate."""
+        with self._lock:
+            pushed, self._state.pushed = self._state.pushed, []
+        for pending in sorted(pushed, key=lambda p: (-p.priority, p.queue_index)):
+            if len(out) < max_messages:
+                delivery = self._io_admit(pending)
+                if delivery is not None:
+                    out.append(delivery)
+                continue
+            with self._lock:
+                if pending.queue_index in self._state.candidates:
+                    self._state.pushed.append(pending)  # still held: taken by the next receive
+                else:
+                    self._state.candidates[pending.queue_index] = pending
 
     def _io_collect_one(self, channel: Any, max_messages: int, out: list[Delivery]) -> None:
         """One queue: the first ``max_messages`` ready messages, ``max_messages`` gets a round trip."""
@@ -1899,7 +1945,8 @@ class AMQPConsumer:
             highest = max(tags, default=0)
             # basic.ack with multiple=True acks every unacked delivery of the channel up to its
             # tag: one frame, but right only when no other delivery below it is still held.
-            held = [*self._state.leases, *(p.delivery_tag for p in self._state.candidates.values())]
+            waiting = [*self._state.candidates.values(), *self._state.pushed]
+            held = [*self._state.leases, *(p.delivery_tag for p in waiting)]
             multiple = len(tags) > 1 and all(tag > highest for tag in held)
         getter, channel = self._getter, self._channel
         if ride and tags and getter is not None and channel is not None and channel.is_open:
@@ -1937,35 +1984,64 @@ class AMQPConsumer:
             )
             self._io_republish(lease.pending, delivery.envelope, delivery.deliveries, 0.0)
 
-    def _io_bind_bell(self) -> None:
-        channel = self._io_check()
-        link = self._link
-        if self._bell is None:
-            name = f"taskframe.bell.{self.id}"
-            # Only a wake-up signal: one copy is enough, the rest are dropped at the head.
-            channel.queue_declare(name, exclusive=True, auto_delete=True, arguments={"x-max-length": 1})
-            channel.basic_consume(name, self._on_bell, auto_ack=True)
-            self._bell = name
-        if DELIVER_EXCHANGE not in link.declared and "bell exchange" not in link.declared:
-            link.admin().exchange_declare(DELIVER_EXCHANGE, exchange_type="topic", durable=True)
-            link.declared.add("bell exchange")
-        for queue in self.queues:
-            channel.queue_bind(self._bell, queue, routing_key=queue)
-            channel.queue_bind(self._bell, DELIVER_EXCHANGE, routing_key=_pattern(_token(queue), -1, ""))
-        self._bell_bound = True
+    def _io_listen(self) -> None:
+        """A consumer on each queue (prefetch 1, set at ``_io_open``): RabbitMQ pushes a message
+        the moment it arrives, before writing it to disk, which a basic.get would wait for."""
+        impl = self._channel._impl
+        for index, queue in enumerate(self.queues):
+            tag = impl.basic_consume(queue, self._on_push)
+            self._listeners[tag] = index
 
-    def _io_unbind_bell(self) -> None:
-        channel = self._channel
-        if self._bell is None or channel is None or not channel.is_open:
-            self._bell_bound = False
+    def _io_unlisten(self, *, wait: bool) -> None:
+        """Cancel the listeners; with ``wait``, until RabbitMQ has confirmed it (Basic.CancelOk),
+        so that everything they were sent is in ``pushed``.
+
+        Basic.Cancel is written here rather than through pika's basic_cancel, which rejects
+        (requeues) what arrives for a cancelled consumer before its CancelOk: such a message
+        would come back marked redelivered, which counts as a delivery (see "Delivery
+        counting"), and at the tail of its queue."""
+        channel, listeners = self._channel, dict(self._listeners)
+        self._listeners.clear()
+        if channel is None or not channel.is_open or not listeners:
             return
-        for queue in self.queues:
-            channel.queue_unbind(self._bell, queue, routing_key=queue)
-            channel.queue_unbind(self._bell, DELIVER_EXCHANGE, routing_key=_pattern(_token(queue), -1, ""))
-        self._bell_bound = False
+        impl = channel._impl
+        number = impl.channel_number
+        frames = b"".join(
+            pika.frame.Method(number, pika.spec.Basic.Cancel(consumer_tag=tag)).marshal() for tag in listeners
+        )
+        self._cancelling.update(listeners)
+        impl.connection._output_marshaled_frames([frames])
+        self._link.connection._flush_output()  # pika writes in its I/O loop
+        if wait:
+            self._link.wait_for(
+                lambda: not (self._cancelling.keys() & listeners.keys()) or not impl.is_open,
+                CONFIRM_TIMEOUT_S,
+                "basic.cancel-ok",
+            )
 
-    def _on_bell(self, _channel: Any, _method: Any, _props: Any, _body: bytes) -> None:
-        self._rang = True  # read by the holder's listen(), on this same thread
+    def _on_push(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        """pika's I/O loop, on the holder's thread: a listener's message (handled by the receive)."""
+        tag = method.consumer_tag
+        index = self._listeners.get(tag, self._cancelling.get(tag))
+        if index is None:
+            return  # not ours (cannot happen: pika knows only our tags on this channel)
+        pending = _Pending(index, self.queues[index], method.delivery_tag, bool(method.redelivered), properties, body)
+        with self._lock:
+            self._state.pushed.append(pending)
+        self._link.wake_loop()
+
+    def _on_cancel_ok(self, frame: Any) -> None:
+        tag = frame.method.consumer_tag
+        if self._cancelling.pop(tag, None) is not None and self._channel is not None:
+            self._channel._impl._cleanup_consumer_ref(tag)
+        self._link.wake_loop()
+
+    def _on_server_cancel(self, frame: Any) -> None:
+        """RabbitMQ cancelled a listener (its queue was deleted): wake the receive, whose next
+        basic.get finds out what happened."""
+        if self._listeners.pop(frame.method.consumer_tag, None) is not None:
+            self._dropped = True
+            self._link.wake_loop()
 
     def _io_close(self) -> None:
         self._link.consumers.pop(self.id, None)

@@ -323,6 +323,55 @@ def test_an_idle_consumer_does_not_hold_up_other_threads(make_broker: Any, queue
     assert broker.purge(queue + "-other") == 1
 
 
+def test_an_idle_wait_leaves_nothing_held_when_it_times_out(make_broker: Any, queue: str) -> None:
+    # Given a consumer that waited idle three times in a row (its listener registered and
+    # cancelled each time)
+    broker = make_broker()
+    consumer = broker.consumer([queue], prefetch=4)
+    for _ in range(3):
+        assert consumer.receive(0.2, max_messages=5) == []
+    # When a message is published after the last wait returned
+    broker.publish(queue, task_message("after"))
+    time.sleep(0.2)
+    # Then it is ready in its queue, not held by a listener left behind
+    assert broker.stats(queue).ready == 1
+    assert consumer.held(queue) == 0
+    # And the next wait is pushed it as its first delivery
+    [delivery] = consumer.receive(5.0, max_messages=5)
+    assert (delivery.envelope.task_id, delivery.deliveries) == ("after", 1)
+    consumer.ack(delivery)
+    consumer.close()
+    assert broker.stats(queue).ready == 0
+
+
+def test_a_consumer_of_two_queues_is_woken_by_either_and_keeps_nothing_extra(make_broker: Any, queue: str) -> None:
+    # Given a consumer of two queues waiting idle in another thread
+    broker = make_broker()
+    second = queue + "-second"
+    consumer = broker.consumer([queue, second], prefetch=4)
+    got: list[Any] = []
+    listener = threading.Thread(target=lambda: got.extend(consumer.receive(10.0, max_messages=5)))
+    listener.start()
+    time.sleep(0.3)
+    # When a message arrives on the second queue
+    started = time.monotonic()
+    broker.publish(second, task_message("second"))
+    listener.join(5.0)
+    # Then the wait returns it at once, first delivered
+    assert time.monotonic() - started < 1.0
+    assert [(d.envelope.task_id, d.queue, d.deliveries) for d in got] == [("second", second, 1)]
+    # And no listener stays behind on the first queue once the receive has returned
+    broker.publish(queue, task_message("first"))
+    time.sleep(0.2)
+    assert broker.stats(queue).ready == 1
+    [first] = consumer.receive(5.0)
+    assert first.envelope.task_id == "first"
+    consumer.ack_many([*got, first])
+    consumer.close()
+    assert (broker.stats(queue).ready, broker.stats(second).ready) == (0, 0)
+    broker.purge(second)
+
+
 def test_threads_publish_while_a_consumer_listens(make_broker: Any, queue: str) -> None:
     # Given a consumer listening in one thread
     broker = make_broker()
