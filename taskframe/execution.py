@@ -157,11 +157,14 @@ class Executor:
             log.debug("dead letter %s not failed: %s", envelope.task_id, exc)
             return
         task = self._find_task(message)
-        if task is None or message.headers.ignore_result or task.options.ignore_result:
+        if task is None:
             return
-        record = self.app.backend.fetch(message.id)
-        if record is not None and record.get("status") in states.READY_STATES:
-            return
+        if not (message.headers.ignore_result or task.options.ignore_result):
+            record = self.app.backend.fetch(message.id)
+            if record is not None and record.get("status") in states.READY_STATES:
+                return
+        # A task that ignores its result has none to tell whether it ran: its errbacks and
+        # chord are told it failed, since as far as anyone can see it never finished.
         request = self._request(message, queue, self.app.conf.max_deliveries)
         self._on_failure(task, message, request, DeliveryLimitExceeded(reason), None)
 

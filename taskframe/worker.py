@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from . import states
-from .broker import AcksWithReceive, Consumer, Delivery, ReportsBuried, ack_all
+from .broker import AcksWithReceive, Buried, Consumer, Delivery, ReportsBuried, ack_all
 from .exceptions import BackendError, BrokerConnectionError, BrokerError, TaskframeError
 from .execution import Executor, Outcome, discard, store_state
 from .pools import Job, SoloPool, WorkerTerminate, create_pool
@@ -217,7 +217,7 @@ class Worker:
         short = bool(self._held) or self.burst
         deliveries = self._receive(BUSY_RECEIVE_S if short else IDLE_RECEIVE_S, room)
         if self._reports_buried:
-            self._record_buried()
+            self._fail_buried(cast(ReportsBuried, self._consumer).take_buried())
         if deliveries is None:
             return
         if not deliveries and self.burst and not self._held:
@@ -258,8 +258,11 @@ class Worker:
             return consumer.receive(timeout_s, max_messages=max_messages)
         except BrokerConnectionError as exc:
             log.warning("lost the broker connection (%s); reconnecting", mask_url(str(exc)))
+            # What this consumer buried before the loss: its replacement cannot report it.
+            buried = cast(ReportsBuried, consumer).take_buried() if self._reports_buried else []
             self._reconnect()
             self._ack(acks)  # through the new consumer (acks are idempotent)
+            self._fail_buried(buried)
             return None
         except BrokerError:
             if not acks:
@@ -267,11 +270,11 @@ class Worker:
             self._ack(acks)  # settles them the careful way (one by one, logged if refused)
             return None
 
-    def _record_buried(self) -> None:
-        """Fail the tasks the consumer dead-lettered after ``max_deliveries`` (each crashed its
+    def _fail_buried(self, buried_messages: list[Buried]) -> None:
+        """Fail the tasks a consumer dead-lettered after ``max_deliveries`` (each crashed its
         worker, or its leases kept running out), so ``get()`` does not wait for a task that
         will not run (``Executor.fail_dead_lettered``)."""
-        for buried in cast(ReportsBuried, self._consumer).take_buried():
+        for buried in buried_messages:
             try:
                 self._executor.fail_dead_lettered(buried.envelope, buried.queue, buried.reason)
             except TaskframeError as exc:

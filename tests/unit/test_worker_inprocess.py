@@ -13,6 +13,7 @@ import pytest
 from taskframe import App, chain, chord, group
 from taskframe.broker import Envelope
 from taskframe.exceptions import (
+    BrokerConnectionError,
     ChordError,
     DeliveryLimitExceeded,
     NotRegistered,
@@ -173,8 +174,9 @@ def test_a_dead_lettered_task_fails_with_its_errbacks_and_its_chord(app: App) ->
     add, tsum, record = app.tasks["t.add"], app.tasks["t.tsum"], app.tasks["t.record"]
     lone = add.apply_async((1, 2), link_error=record.s())
     joined = chord([add.s(1, 1)], tsum.s()).delay()
-    crashed = app.broker.consumer([app.conf.default_queue], prefetch=2).receive(1.0, max_messages=2)
-    assert len(crashed) == 2
+    unrecorded = add.apply_async((2, 3), link_error=record.s(), ignore_result=True)
+    crashed = app.broker.consumer([app.conf.default_queue], prefetch=3).receive(1.0, max_messages=3)
+    assert len(crashed) == 3
     time.sleep(0.4)
     # When a worker finds them, Then it dead-letters them and fails each task at once:
     # its result, its errback, and its chord (whose body does not run)
@@ -184,10 +186,56 @@ def test_a_dead_lettered_task_fails_with_its_errbacks_and_its_chord(app: App) ->
         with pytest.raises(ChordError, match="DeliveryLimitExceeded"):
             joined.get(timeout=10)
         deadline = time.monotonic() + 5
+        while len(app.calls) < 2 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.02)
+    # (the task that ignores its result has its errback called too: it did not finish)
+    assert sorted(app.calls) == sorted([(lone.id,), (unrecorded.id,)])  # type: ignore[attr-defined]
+    assert app.broker.stats(app.conf.default_queue).dead == 3
+
+
+def test_a_task_dead_lettered_by_a_receive_that_then_lost_the_connection_still_fails(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a task whose one delivery was never acked (max_deliveries=1), and a consumer
+    # whose first receive dead-letters it and then loses its connection (a crash of the
+    # network, which this stands in for)
+    app.conf.max_deliveries = 1
+    app.conf.visibility_timeout = 0.2
+    lone = app.tasks["t.add"].apply_async((1, 2), link_error=app.tasks["t.record"].s())
+    assert len(app.broker.consumer([app.conf.default_queue], prefetch=1).receive(1.0)) == 1
+    time.sleep(0.4)
+    make_consumer = app.broker.consumer
+
+    lost: list[bool] = []
+
+    class LosesItsConnectionOnce:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def receive(self, timeout_s: float, *, max_messages: int = 1) -> Any:
+            got = self.inner.receive(timeout_s, max_messages=max_messages)
+            if not lost:
+                lost.append(True)
+                raise BrokerConnectionError("lost the connection to the test broker")
+            return got
+
+        def ack_and_receive(self, acks: Any, timeout_s: float, *, max_messages: int = 1) -> Any:
+            self.inner.ack_many(acks)
+            return self.receive(timeout_s, max_messages=max_messages)
+
+    monkeypatch.setattr(app.broker, "consumer", lambda *a, **kw: LosesItsConnectionOnce(make_consumer(*a, **kw)))
+    # When a worker's first receive buries it and raises, Then the worker reconnects and the
+    # task still fails at once, with its errback, as if the connection had stayed up
+    with start_worker(app):
+        with pytest.raises(DeliveryLimitExceeded):
+            lone.get(timeout=10)
+        deadline = time.monotonic() + 5
         while not app.calls and time.monotonic() < deadline:  # type: ignore[attr-defined]
             time.sleep(0.02)
     assert app.calls == [(lone.id,)]  # type: ignore[attr-defined]
-    assert app.broker.stats(app.conf.default_queue).dead == 2
 
 
 def test_a_celery_chord_on_a_backend_that_cannot_join_it_fails_its_body_clearly(app: App) -> None:
@@ -527,8 +575,6 @@ def test_a_refused_batch_ack_falls_back_to_one_by_one(app: App, monkeypatch: pyt
 
 
 def test_a_batch_ack_lost_to_the_connection_is_retried(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
-    from taskframe.exceptions import BrokerConnectionError
-
     consumer_class: Any = type(app.broker.consumer(["celery"], prefetch=1))
     real_ack_many = consumer_class.ack_many
     lost: list[int] = []
