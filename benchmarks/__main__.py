@@ -343,7 +343,8 @@ def notes(broker: str, tasks: int, reps: int, budget_s: float) -> list[str]:
             "worker on this host); results off: Celery without a backend, taskframe ignore_result; the "
             "queue, its .dead queue and exchange are deleted with pika after each scenario; taskframe waits for "
             "RabbitMQ's publisher confirm of each persistent message (written to disk) before a publish returns, "
-            "Celery (kombu's default) publishes without confirms"
+            "Celery (kombu's default) publishes without confirms; celery-confirmed is Celery with taskframe's "
+            "guarantees (kombu's confirm_publish=True, task_acks_late=True): the like-for-like row"
         )
     if broker == "sqlite":
         found.append(

@@ -76,7 +76,7 @@ def executable(name: str) -> str:
 
 def all_systems() -> dict[str, System]:
     """Every system, in table order (taskframe first)."""
-    from .celery_ import Celery
+    from .celery_ import Celery, CeleryConfirmed
     from .dramatiq_ import Dramatiq
     from .huey_ import Huey, HueyNormal
     from .raw_pika_ import RawPika
@@ -84,5 +84,5 @@ def all_systems() -> dict[str, System]:
     from .rq_ import RQ
     from .taskframe_ import Taskframe
 
-    systems: list[System] = [Taskframe(), RawRedis(), RawPika(), Huey(), HueyNormal(), Celery(), Dramatiq(), RQ()]
+    systems: list[System] = [Taskframe(), RawRedis(), RawPika(), Huey(), HueyNormal(), Celery(), CeleryConfirmed(), Dramatiq(), RQ()]
     return {s.name: s for s in systems}

@@ -42,3 +42,11 @@ class Celery(System):
     def round_trip(self) -> int:
         value: int = self.app.noop.delay(1, 2).get(timeout=ROUND_TRIP_TIMEOUT_S, interval=RESULT_POLL_S)
         return value
+
+
+class CeleryConfirmed(Celery):
+    """Celery on RabbitMQ with publisher confirms and late acks: taskframe's guarantees."""
+
+    name = "celery-confirmed"
+    brokers = ("amqp",)
+    app_module = "benchmarks.apps.celery_confirmed_app"
