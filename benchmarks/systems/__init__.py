@@ -84,5 +84,15 @@ def all_systems() -> dict[str, System]:
     from .rq_ import RQ
     from .taskframe_ import Taskframe
 
-    systems: list[System] = [Taskframe(), RawRedis(), RawPika(), Huey(), HueyNormal(), Celery(), CeleryConfirmed(), Dramatiq(), RQ()]
+    systems: list[System] = [
+        Taskframe(),
+        RawRedis(),
+        RawPika(),
+        Huey(),
+        HueyNormal(),
+        Celery(),
+        CeleryConfirmed(),
+        Dramatiq(),
+        RQ(),
+    ]
     return {s.name: s for s in systems}

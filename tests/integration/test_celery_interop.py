@@ -227,9 +227,23 @@ class Interop:
                 process.send_signal(signal.SIGKILL)
             process.wait(timeout=10)
         self.app.close()
-        self.capp.close()
+        close_celery_client(self.capp)
         sys.modules.pop(self.module_name, None)
         sys.path.remove(str(self.dir))
+
+
+def close_celery_client(capp: Any) -> None:
+    """Close every connection the Celery client app opened: ``Celery.close()`` leaves its
+    producers' broker connections and its Redis backend's pub/sub and pool open."""
+    backend = capp.backend
+    consumer = getattr(backend, "result_consumer", None)
+    if consumer is not None and getattr(consumer, "_pubsub", None) is not None:
+        consumer.stop()
+    capp.amqp.producer_pool.connections.force_close_all()
+    capp.close()
+    client = getattr(backend, "client", None)
+    if client is not None:
+        client.connection_pool.disconnect()
 
 
 @pytest.fixture(scope="module", params=_pairings())
