@@ -1603,6 +1603,18 @@ class AMQPConsumer:
         else:
             self._link.call(lambda: self._io_settle(delivery, "dead", reason=reason or "rejected by the worker"))
 
+    def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand back deliveries whose task never started: republished with the count they had
+        before this delivery (the original acked), as a requeue is."""
+        batch = list(deliveries)
+
+        def release() -> None:
+            for delivery in batch:
+                self._io_settle(delivery, "release")
+
+        if batch:
+            self._link.call(release)
+
     def renew(self, deliveries: Sequence[Delivery]) -> None:
         """Move the lease deadlines in memory (thread-safe, no network call)."""
         if not deliveries:
@@ -1930,6 +1942,8 @@ class AMQPConsumer:
             self._io_basic_ack(lease.pending.delivery_tag)
         elif action == "requeue":
             self._io_republish(lease.pending, delivery.envelope, delivery.deliveries, delay_s)
+        elif action == "release":
+            self._io_republish(lease.pending, delivery.envelope, delivery.deliveries - 1, 0.0)
         else:
             self._io_bury(lease.pending, delivery.envelope, delivery.deliveries, reason)
 

@@ -823,6 +823,19 @@ class KombuConsumer:
 
         self._settle(delivery, give_back, "nack")
 
+    def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand back deliveries whose task never started: republished with the count they had
+        before this delivery (the original acked), as a requeue is."""
+        for delivery in deliveries:
+
+            def give_back(link: _Link, message: Any, delivery: Delivery = delivery) -> None:
+                envelope, priority = delivery.envelope, _priority_of(delivery.envelope)
+                out = self.broker.outgoing(delivery.queue, envelope, priority, deliveries=delivery.deliveries - 1)
+                link.publish(out)
+                message.ack()
+
+            self._settle(delivery, give_back, "release")
+
     def renew(self, deliveries: Sequence[Delivery]) -> None:
         with self.broker.io("renew") as link:
             now = time.monotonic()

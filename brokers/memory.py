@@ -397,6 +397,19 @@ class MemoryConsumer:
             broker._schedule(message, now + max(delay_s, 0.0), now)
             broker._cond.notify_all()
 
+    def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand back deliveries whose task never started, with the count they had before."""
+        broker = self.broker
+        with broker._cond:
+            now = time.monotonic()
+            for delivery in deliveries:
+                message = broker._leased(delivery.tag)
+                if message is not None:
+                    message.lease = None
+                    message.deliveries = max(message.deliveries - 1, 0)
+                    broker._schedule(message, now, now)
+            broker._cond.notify_all()
+
     def renew(self, deliveries: Sequence[Delivery]) -> None:
         broker = self.broker
         lost = 0

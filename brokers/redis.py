@@ -435,11 +435,15 @@ redis.call('HDEL', key(1, LEASE), unpack(ids))
 return #ids
 """
 
-# KEYS: one queue's keys. ARGV: id, token, requeue (1/0), delay_ms, reason. Returns 1 if done.
+# KEYS: one queue's keys. ARGV: id, token, requeue (1/0), delay_ms, reason, uncount (1: a release,
+# whose delivery does not count; optional). Returns 1 if done.
 _NACK = """
 local id = ARGV[1]
 if not holds_lease(id, ARGV[2]) then return 0 end
 if ARGV[3] == '1' then
+  if ARGV[6] == '1' and tonumber(redis.call('HGET', key(1, COUNT), id) or '0') > 0 then
+    redis.call('HINCRBY', key(1, COUNT), id, -1)
+  end
   redis.call('ZREM', key(1, INFLIGHT), id)
   redis.call('ZREM', key(1, READY), id)
   redis.call('HDEL', key(1, LEASE), id)
@@ -1322,6 +1326,15 @@ class RedisConsumer:
         queue, message_id, token = delivery.tag
         args = (message_id, token, int(requeue), _delay_ms(delay_s), reason or "rejected by the worker")
         self.broker._run("nack", "nack", queue, args)
+
+    def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand back deliveries whose task never started, with the count they had before."""
+        calls = []
+        for delivery in deliveries:
+            queue, message_id, token = delivery.tag
+            calls.append(("nack", self.broker.keys(queue, "nack"), (message_id, token, 1, 0, "released", 1)))
+        if calls:
+            self.broker._run_many("release", calls)
 
     def renew(self, deliveries: Sequence[Delivery]) -> None:
         if not deliveries:

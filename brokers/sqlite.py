@@ -133,6 +133,10 @@ _LEASE = "UPDATE tf_messages SET deliveries = deliveries + 1, visible_at = ?, le
 _ACK = "DELETE FROM tf_messages WHERE id = ? AND leased_by = ?"
 _REQUEUE = "UPDATE tf_messages SET visible_at = ?, leased_by = NULL WHERE id = ? AND leased_by = ?"
 _RENEW = "UPDATE tf_messages SET visible_at = ? WHERE id = ? AND leased_by = ?"
+_RELEASE = (
+    "UPDATE tf_messages SET visible_at = ?, leased_by = NULL, deliveries = MAX(deliveries - 1, 0)"
+    " WHERE id = ? AND leased_by = ?"
+)
 _BURY = (
     "INSERT INTO tf_dead_letters"
     " (queue, priority, deliveries, task_id, body, reason, dead_at, created_at)"
@@ -603,6 +607,19 @@ class SQLiteConsumer:
                     conn.execute(_DELETE, (row_id,))
         except sqlite3.Error as exc:
             raise self.broker._error(exc, "nack") from exc
+
+    def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand back deliveries whose task never started, with the count they had before."""
+        if not deliveries:
+            return
+        now = time.time()
+        rows = [(now, *d.tag) for d in deliveries]
+        try:
+            conn = self.broker._conn()
+            with _transaction(conn):
+                conn.executemany(_RELEASE, rows)
+        except sqlite3.Error as exc:
+            raise self.broker._error(exc, "release") from exc
 
     def renew(self, deliveries: Sequence[Delivery]) -> None:
         if not deliveries:

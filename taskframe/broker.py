@@ -296,6 +296,18 @@ class ReportsBuried(Protocol):
 
 
 @runtime_checkable
+class ReleasesUnstarted(Protocol):
+    """Optional: a consumer that can hand back deliveries whose task has not started without
+    counting them toward ``max_deliveries``. A worker's warm shutdown releases what it had
+    prefetched: a rolling restart must not use up a message's deliveries (and dead-letter
+    it) without ever running it. Each delivery goes back to its queue as ``nack(requeue=True)``
+    puts it, with the count it had before it was received. SQS counts receives itself and
+    cannot take one back, so it has no ``release``: its hand-backs count."""
+
+    def release(self, deliveries: Sequence[Delivery]) -> None: ...
+
+
+@runtime_checkable
 class FramePublisher(Protocol):
     """Optional: a broker that keeps messages as their :meth:`Envelope.to_bytes` frames can
     take a batch already framed: ``publish_frames({(queue, priority): [(task_id, frame), ...]})``

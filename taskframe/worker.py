@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from . import states
-from .broker import AcksWithReceive, Buried, Consumer, Delivery, ReportsBuried, ack_all
+from .broker import AcksWithReceive, Buried, Consumer, Delivery, ReleasesUnstarted, ReportsBuried, ack_all
 from .exceptions import BackendError, BrokerConnectionError, BrokerError, TaskframeError
 from .execution import Executor, Outcome, discard, store_state
 from .pools import Job, SoloPool, WorkerTerminate, create_pool
@@ -284,6 +284,21 @@ class Worker:
                     mask_url(str(exc)),
                 )
 
+    def _release(self, deliveries: list[Delivery]) -> None:
+        """Hand back deliveries whose task never started; where the consumer can, without
+        counting them toward ``max_deliveries`` (``ReleasesUnstarted``)."""
+        if not deliveries:
+            return
+        consumer: object = self._consumer  # an optional protocol besides Consumer
+        if isinstance(consumer, ReleasesUnstarted):
+            try:
+                consumer.release(deliveries)
+                return
+            except BrokerError as exc:
+                log.warning("could not release %d unstarted message(s): %s", len(deliveries), mask_url(str(exc)))
+        for delivery in deliveries:
+            self._nack(delivery, requeue=True, reason="worker shutdown")
+
     def _flush_acks(self) -> None:
         acks, self._acks_due = self._acks_due, []
         self._ack(acks)
@@ -534,12 +549,14 @@ class Worker:
 
     def _shutdown(self) -> None:
         self._flush_acks()
+        unstarted = []
         while self._pending:
             job = self._pending.popleft()
             with self._held_lock:
                 self._held.pop(id(job.delivery), None)
             if not job.acked_early:
-                self._nack(job.delivery, requeue=True, reason="worker shutdown")
+                unstarted.append(job.delivery)
+        self._release(unstarted)
         deadline = time.monotonic() + self.shutdown_timeout_s
         while self.pool.running() and not self._cold.is_set() and time.monotonic() < deadline:
             self._finish(self.pool.collect(0.1))

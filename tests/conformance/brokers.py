@@ -56,6 +56,9 @@ class BrokerSpec:
     #: The consumer reports what it dead-lettered after ``max_deliveries`` (``ReportsBuried``).
     #: False for sqs: its redrive policy moves them on the server, unseen.
     reports_buried: bool = True
+    #: The consumer hands back unstarted deliveries without counting them (``ReleasesUnstarted``).
+    #: False for sqs: SQS counts receives itself and cannot take one back.
+    releases_unstarted: bool = True
 
 
 BROKERS: list[BrokerSpec] = [
@@ -100,6 +103,7 @@ BROKERS: list[BrokerSpec] = [
         unavailable=sqs_server.unavailable,
         purge_keeps_reserved=False,
         reports_buried=False,
+        releases_unstarted=False,
     ),
     # RabbitMQ: a vhost per test session (tests/rabbitmq_service.py); queues with x-max-priority 9.
     BrokerSpec(

@@ -33,6 +33,7 @@ from taskframe.broker import (
     Envelope,
     FramePublisher,
     OutgoingMessage,
+    ReleasesUnstarted,
     ReportsBuried,
 )
 from taskframe.exceptions import BrokerError, ConfigurationError
@@ -316,6 +317,28 @@ def test_nack_requeue_makes_it_ready_again(broker: Broker, queue: str) -> None:
     again = receive_one(consumer, timeout_s=1.0)
     assert (again.envelope.task_id, again.deliveries) == ("a", 2)
     consumer.ack(again)
+
+
+def test_release_hands_back_without_counting_the_delivery(broker_spec: BrokerSpec, broker: Broker, queue: str) -> None:
+    # Given a consumer holding a delivery whose task never started
+    broker.publish(queue, message("a"))
+    consumer = broker.consumer([queue], prefetch=1)
+    assert isinstance(consumer, ReleasesUnstarted) == broker_spec.releases_unstarted
+    if not isinstance(consumer, ReleasesUnstarted):
+        pytest.skip(f"{broker_spec.name} counts every receive itself: no release")
+    first = receive_one(consumer)
+    assert first.deliveries == 1
+    # When it is released, three times over
+    for _ in range(3):
+        consumer.release([first])
+        assert counts(broker, queue)[0] == 1
+        first = receive_one(consumer, timeout_s=2.0)
+        # Then it is ready again each time, and still on its first delivery
+        assert (first.envelope.task_id, first.deliveries) == ("a", 1)
+    # And a release of a delivery the consumer no longer holds changes nothing
+    consumer.ack(first)
+    consumer.release([first])
+    assert counts(broker, queue) == (0, 0, 0, 0)
 
 
 def test_nack_requeue_with_delay(broker: Broker, queue: str) -> None:

@@ -238,6 +238,29 @@ def test_a_task_dead_lettered_by_a_receive_that_then_lost_the_connection_still_f
     assert app.calls == [(lone.id,)]  # type: ignore[attr-defined]
 
 
+def test_tasks_prefetched_by_workers_that_stop_are_not_dead_lettered(app: App) -> None:
+    # Given max_deliveries=2, and three tasks that three workers in a row (a rolling restart)
+    # each prefetch, behind a more urgent task that keeps their one slot busy, and hand back
+    # at their warm shutdown without running them
+    app.conf.max_deliveries = 2
+    progress, add = app.tasks["t.progress"], app.tasks["t.add"]
+    waiting = [add.delay(i, i) for i in range(3)]
+    for _ in range(3):
+        blocker = progress.apply_async((0.3,), priority=9)
+        with start_worker(app, pool="threads", concurrency=1):
+            deadline = time.monotonic() + 5
+            while (blocker.state != "PROGRESS" or app.broker.stats(app.conf.default_queue).ready) and (
+                time.monotonic() < deadline
+            ):
+                time.sleep(0.01)  # the worker holds all four: one runs, three wait
+        assert blocker.get(timeout=5) == "done"
+        assert app.broker.stats(app.conf.default_queue).ready == 3
+    # When a worker finally has room for them, Then they run: their hand-backs did not count
+    with start_worker(app):
+        assert [r.get(timeout=5) for r in waiting] == [0, 2, 4]
+    assert app.broker.stats(app.conf.default_queue).dead == 0
+
+
 def test_a_celery_chord_on_a_backend_that_cannot_join_it_fails_its_body_clearly(app: App) -> None:
     # Given a header task as Celery sends it (the body's signature in embed.chord, without the
     # size, which Celery keeps in its Redis backend only), on the in-memory backend
