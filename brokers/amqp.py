@@ -100,11 +100,11 @@ Speed (issue #6; one 2-core host shared with other jobs, so figures vary by 2x b
 see docs/brokers/rabbitmq.md): in one process, receive+ack of batches of 5 went from
 ~2,300 to ~4,500-7,000 a second. An idle consumer in another process has a new message
 ~0.47 ms after the publish call began (it was ~4 ms with a polling get, then ~0.95 ms with
-a wake-up queue that was sent a copy and a get after it). Driving the connection from the caller's thread instead
-of a dedicated I/O thread (a hop there and back per call) took an in-process solo worker's
-drain from ~3,600 to ~4,200 tasks a second. A one-call ``publish`` (~1,100 a second here,
-~0.9 ms, as raw pika's ~0.85 ms with the same headers) is bound by RabbitMQ's confirm of a
-persistent message, which waits for its disk write. ``publish_many`` pipelines confirms.
+a wake-up queue that was sent a copy and a get after it). Driving the connection from the
+caller's thread instead of a dedicated I/O thread (a hop there and back per call) took an
+in-process solo worker's drain from ~3,600 to ~4,200 tasks a second. A one-call ``publish``
+(~1,100-1,600 a second here, as raw pika with the same headers) is bound by RabbitMQ's
+confirm of a persistent message, which waits for its disk write. ``publish_many`` pipelines confirms.
 Header tables are read by ``_decode_table_fast`` (patched into pika.data), 2.5x pika's
 own reader on a task message's ~20 headers (19.5 us -> 7.8 us a message).
 
@@ -2037,8 +2037,9 @@ class AMQPConsumer:
         """pika's I/O loop, on the holder's thread: a listener's message (handled by the receive)."""
         tag = method.consumer_tag
         index = self._listeners.get(tag, self._cancelling.get(tag))
-        if index is None:
-            return  # not ours (cannot happen: pika knows only our tags on this channel)
+        if index is None:  # cannot happen: pika hands this callback only the tags it was given
+            log.warning("%r was pushed a message for an unknown consumer %s; it comes back with the channel", self, tag)
+            return
         pending = _Pending(index, self.queues[index], method.delivery_tag, bool(method.redelivered), properties, body)
         with self._lock:
             self._state.pushed.append(pending)
@@ -2053,9 +2054,11 @@ class AMQPConsumer:
     def _on_server_cancel(self, frame: Any) -> None:
         """RabbitMQ cancelled a listener (its queue was deleted): wake the receive, whose next
         basic.get finds out what happened."""
-        if self._listeners.pop(frame.method.consumer_tag, None) is not None:
+        tag = frame.method.consumer_tag
+        self._cancelling.pop(tag, None)  # RabbitMQ sends no CancelOk for it now
+        if self._listeners.pop(tag, None) is not None:
             self._dropped = True
-            self._link.wake_loop()
+        self._link.wake_loop()
 
     def _io_close(self) -> None:
         self._link.consumers.pop(self.id, None)
