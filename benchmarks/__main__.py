@@ -17,6 +17,7 @@ report to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from benchmarks.common import AMQP_URL, REDIS_URL, BenchEnv
@@ -132,6 +133,31 @@ def run_scenario(
         shutil.rmtree(directory, ignore_errors=True)
         if queue:
             delete_amqp_queue(queue)
+
+
+#: The queue names of the AMQP runs (``bench-<hex>``, with ``.dead``), as a RabbitMQ policy pattern.
+BENCH_QUEUES = "^bench-"
+
+
+@contextlib.contextmanager
+def queue_version_policy(version: int | None) -> Iterator[None]:
+    """With ``version``: a policy ``queue-version`` on the benchmark's queues of vhost "/" for
+    the duration (rabbitmqctl), so every system's queues are classic queues of that version
+    without a queue argument (which would change their declarations)."""
+    if version is None:
+        yield
+        return
+    name = "taskframe-benchmark-queue-version"
+    definition = json.dumps({"queue-version": version})
+    command = ["rabbitmqctl", "set_policy", "-p", "/", "--apply-to", "queues", "--priority", "100"]
+    done = subprocess.run([*command, name, BENCH_QUEUES, definition], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        msg = f"could not set the RabbitMQ policy {name}: {done.stderr.strip() or done.stdout.strip()}"
+        raise Unavailable(msg)
+    try:
+        yield
+    finally:
+        subprocess.run(["rabbitmqctl", "clear_policy", "-p", "/", name], capture_output=True, check=False)
 
 
 def amqp_version() -> str | None:
@@ -375,6 +401,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     names = ",".join(all_systems())
     parser.add_argument("--systems", default=names, help=f"comma-separated, from {names} (default: all)")
+    parser.add_argument(
+        "--amqp-queue-version",
+        type=int,
+        choices=[1, 2],
+        help="RabbitMQ 3.10-3.12: run every system's queues as classic queues of this version, set by a "
+        "policy on the run's queue names (the server's default otherwise; RabbitMQ 4 has only version 2)",
+    )
     args = parser.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = sorted(set(args.systems) - set(all_systems()))
@@ -483,8 +516,20 @@ def main(argv: list[str] | None = None) -> int:
         elif b == "sqs":
             sections.append(sqs_section(args.tasks, args.reps, args.budget))
         else:
-            rows = run_broker(b, args.systems, args.tasks, args.reps, args.budget)
-            sections.append(broker_section(TITLES[b], rows, notes(b, args.tasks, args.reps, args.budget)))
+            try:
+                with queue_version_policy(args.amqp_queue_version if b == "amqp" else None):
+                    rows = run_broker(b, args.systems, args.tasks, args.reps, args.budget)
+            except Unavailable as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            found = notes(b, args.tasks, args.reps, args.budget)
+            if b == "amqp" and args.amqp_queue_version:
+                found.append(
+                    f"classic queues version {args.amqp_queue_version} for every system (a RabbitMQ policy "
+                    f"`queue-version: {args.amqp_queue_version}` on the run's queues, `{BENCH_QUEUES}`; "
+                    "queue declarations unchanged)"
+                )
+            sections.append(broker_section(TITLES[b], rows, found))
     print("## taskframe benchmarks\n")
     uses_redis = any(b in ("redis", "backends", "sqs", "amqp") for b in brokers)
     about = machine(versions, redis_at if uses_redis else None)
