@@ -765,8 +765,7 @@ class _Getter:
         deliveries RabbitMQ has taken back."""
         acks, self._acks = self._acks, b""
         if acks and self._impl.is_open:
-            self._impl.connection._output_marshaled_frames([acks])
-            self.link.connection._flush_output()  # pika writes in its I/O loop
+            self.link.write_now(acks)
 
     def _on_getok(self, method_frame: Any, header_frame: Any, body: bytes) -> None:
         self._answer((method_frame.method, header_frame.properties, bytes(body)))
@@ -1048,6 +1047,12 @@ class _Link:
         self.closed = True
 
     # -- helpers for the holder -------------------------------------------------------------------
+
+    def write_now(self, frames: bytes) -> None:
+        """Write marshaled frames to the socket before returning (pika would write them in its
+        I/O loop, whenever the connection is next driven)."""
+        self.connection._impl._output_marshaled_frames([frames])
+        self.connection._flush_output()
 
     def wake_loop(self) -> None:
         """Make ``process_data_events`` return: for callbacks that run inside pika's I/O loop,
@@ -2024,8 +2029,7 @@ class AMQPConsumer:
             pika.frame.Method(number, pika.spec.Basic.Cancel(consumer_tag=tag)).marshal() for tag in listeners
         )
         self._cancelling.update(listeners)
-        impl.connection._output_marshaled_frames([frames])
-        self._link.connection._flush_output()  # pika writes in its I/O loop
+        self._link.write_now(frames)
         if wait:
             self._link.wait_for(
                 lambda: not (self._cancelling.keys() & listeners.keys()) or not impl.is_open,

@@ -810,31 +810,31 @@ class KombuConsumer:
         self._settle(delivery, lambda link, message: message.ack(), "ack", check_lease=False)
 
     def nack(self, delivery: Delivery, *, requeue: bool, reason: str = "", delay_s: float = 0.0) -> None:
-        def give_back(link: _Link, message: Any) -> None:
-            envelope, priority = delivery.envelope, _priority_of(delivery.envelope)
-            if requeue:
-                out = self.broker.outgoing(
-                    delivery.queue, envelope, priority, delay_s=delay_s, deliveries=delivery.deliveries
-                )
-                link.publish(out)
-                message.ack()
-            else:
-                self._bury(link, delivery.queue, message, envelope, delivery.deliveries, reason or "nacked")
+        if requeue:
+            self._settle(delivery, self._put_back(delivery, delivery.deliveries, delay_s), "nack")
+            return
 
-        self._settle(delivery, give_back, "nack")
+        def bury(link: _Link, message: Any) -> None:
+            self._bury(link, delivery.queue, message, delivery.envelope, delivery.deliveries, reason or "nacked")
+
+        self._settle(delivery, bury, "nack")
 
     def release(self, deliveries: Sequence[Delivery]) -> None:
         """Hand back deliveries whose task never started: republished with the count they had
         before this delivery (the original acked), as a requeue is."""
         for delivery in deliveries:
+            self._settle(delivery, self._put_back(delivery, delivery.deliveries - 1, 0.0), "release")
 
-            def give_back(link: _Link, message: Any, delivery: Delivery = delivery) -> None:
-                envelope, priority = delivery.envelope, _priority_of(delivery.envelope)
-                out = self.broker.outgoing(delivery.queue, envelope, priority, deliveries=delivery.deliveries - 1)
-                link.publish(out)
-                message.ack()
+    def _put_back(self, delivery: Delivery, deliveries: int, delay_s: float) -> Callable[[_Link, Any], None]:
+        """The settle action of a requeue: a copy with ``deliveries`` recorded, then the original acked."""
 
-            self._settle(delivery, give_back, "release")
+        def put_back(link: _Link, message: Any) -> None:
+            envelope = delivery.envelope
+            queue, priority = delivery.queue, _priority_of(envelope)
+            link.publish(self.broker.outgoing(queue, envelope, priority, delay_s=delay_s, deliveries=deliveries))
+            message.ack()
+
+        return put_back
 
     def renew(self, deliveries: Sequence[Delivery]) -> None:
         with self.broker.io("renew") as link:
