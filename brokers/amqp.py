@@ -33,7 +33,7 @@ A float header (a ``timelimit`` of 2.5) travels as an AMQP double, as Celery wri
 (cached per connection), so a message sent before any worker starts is kept. Everything
 else lives in separate objects:
 
-* ``Q.dead``: the dead letters (a plain durable queue), with ``x-taskframe-reason``,
+* ``Q.dead``: the dead letters (a plain durable queue, whatever ``queue_type``), with ``x-taskframe-reason``,
   ``x-taskframe-deliveries`` and ``x-taskframe-dead-at`` headers.
 * ``Q.delay.<2^k>ms``: the delay queues (below); exchanges ``taskframe.delay.<2^k>ms`` and
   ``taskframe.delay.deliver`` are shared by every queue of the vhost.
@@ -53,6 +53,10 @@ to ``Q``. Every message of a level queue has the same TTL, so they expire in arr
 a short delay is never stuck behind a long one. ``stats().delayed`` counts the level queues.
 Gap: RabbitMQ dead-letters classic queues at most once, so a message moving between two
 levels when the broker crashes can be lost (a clean restart loses nothing: all persistent).
+With ``queue_type=quorum`` the level queues are quorum queues that dead-letter at least
+once (``x-dead-letter-strategy``, RabbitMQ 3.10+): a crash can deliver a delayed message
+twice, not lose it. A level queue that exists with other arguments (an earlier version's)
+is used as it is, with a warning.
 
 Consuming, leases and who drives the connection
 ================================================
@@ -284,6 +288,19 @@ class _Options:
             arguments["x-max-priority"] = self.max_priority
         if self.queue_type == "quorum":
             arguments["x-queue-type"] = "quorum"
+        return arguments
+
+    def level_queue_arguments(self, level: int) -> dict[str, Any]:
+        """Delay level ``level``: its TTL, and where its messages go when it ends."""
+        arguments: dict[str, Any] = {"x-message-ttl": 2**level, "x-dead-letter-exchange": _level_exchange(level - 1)}
+        if self.queue_type == "quorum":
+            # Replicated too, and a message moves on at least once: RabbitMQ keeps it in this
+            # level until the next one has confirmed it (classic queues move it at most once).
+            arguments |= {
+                "x-queue-type": "quorum",
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            }
         return arguments
 
 
@@ -1205,9 +1222,31 @@ class _Link:
     def declare_dead(self, queue: str) -> str:
         name = _dead_queue(queue)
         if name not in self.declared:
+            # A classic queue whatever ``queue_type``: listing dead letters puts them back,
+            # and a quorum queue would count that as a delivery (RabbitMQ 4 drops a message
+            # after 20 of them).
             self.admin().queue_declare(name, durable=True)
             self.declared.add(name)
         return name
+
+    def _declare_level_queue(self, name: str, arguments: dict[str, Any]) -> None:
+        """Declare a delay queue; one that exists with other arguments (declared by an earlier
+        version, or before ``queue_type`` changed) is used as it is, with a warning."""
+        try:
+            self.admin().queue_declare(name, durable=True, arguments=arguments or None)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 406:
+                raise
+            log.warning(
+                "queue %r on %s exists with other arguments than %s (%s); it is used as it is:"
+                " delete it when it is empty (rabbitmqctl delete_queue %s) to have it declared again",
+                name,
+                mask_url(self.url),
+                arguments or "none",
+                exc.reply_text,
+                name,
+            )
+            self.admin().queue_declare(name, passive=True)
 
     def declare_delay(self, queue: str, delay_ms: int) -> None:
         """The level queues ``delay_ms`` passes through, and the shared exchanges."""
@@ -1227,9 +1266,8 @@ class _Link:
             name = _level_queue(queue, level)
             if name in self.declared:
                 continue
-            arguments = {"x-message-ttl": 2**level, "x-dead-letter-exchange": _level_exchange(level - 1)}
-            channel.queue_declare(name, durable=True, arguments=arguments)
-            channel.queue_bind(name, _level_exchange(level), routing_key=_pattern(token, level, "1"))
+            self._declare_level_queue(name, self.options.level_queue_arguments(level))
+            self.admin().queue_bind(name, _level_exchange(level), routing_key=_pattern(token, level, "1"))
             self.declared.add(name)
 
     def publish(self, messages: Sequence[_Outgoing]) -> None:

@@ -114,6 +114,16 @@ BROKERS: list[BrokerSpec] = [
         late_ack_deletes=False,
         counts_others_reserved=False,
     ),
+    # The same adapter with quorum queues (replicated; RabbitMQ counts deliveries in
+    # x-delivery-count; no priorities on RabbitMQ 3.x).
+    BrokerSpec(
+        "amqp-quorum",
+        lambda tmp_path: rabbitmq_service.url(queue_type="quorum"),
+        crosses_processes=True,
+        unavailable=rabbitmq_service.unavailable,
+        late_ack_deletes=False,
+        counts_others_reserved=False,
+    ),
     # kombu's Redis transport (brokers/kombu.py), Celery's layout: its own database, because kombu
     # keeps every lease of a database in one "unacked" hash and any client puts back expired ones.
     # 15 is free (tests/redis_service.py: 11-13; 14 is tests/integration/test_celery_interop.py).

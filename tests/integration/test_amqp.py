@@ -225,6 +225,69 @@ def test_quorum_queues_count_with_x_delivery_count(make_broker: Any, queue: str)
     assert broker.stats(queue).dead == 1
 
 
+def declares_as(raw_channel: Any, queue: str, arguments: dict[str, Any]) -> bool:
+    """Whether ``queue`` exists with exactly these arguments (RabbitMQ refuses a declare that
+    differs with 406 PRECONDITION_FAILED, closing the channel: each try gets its own)."""
+    channel = raw_channel.connection.channel()
+    try:
+        channel.queue_declare(queue, durable=True, arguments=arguments)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        assert exc.reply_code == 406, exc
+        return False
+    channel.close()
+    return True
+
+
+def test_quorum_mode_delays_through_quorum_level_queues(make_broker: Any, raw_channel: Any, queue: str) -> None:
+    # Given queue_type=quorum, a delayed message, and one the worker rejects
+    broker = make_broker(rabbitmq_service.url(queue_type="quorum"))
+    broker.publish(queue, task_message("later"), delay_s=0.3)  # 256 + 32 + 8 + 4 ms
+    published_at = time.monotonic()
+    consumer = broker.consumer([queue], prefetch=1)
+    [delivery] = consumer.receive(5.0)
+    waited_s = time.monotonic() - published_at
+    consumer.nack(delivery, requeue=False, reason="rejected")
+    # Then the delay held it, through quorum level queues that move a message on at least once
+    assert delivery.envelope.task_id == "later"
+    assert 0.25 <= waited_s < 2.0, f"a 0.3 s delay took {waited_s:.2f}s"
+    for level in (8, 5, 3, 2):
+        name = f"{queue}.delay.{2**level}ms"
+        level_arguments = {
+            "x-queue-type": "quorum",
+            "x-message-ttl": 2**level,
+            "x-dead-letter-exchange": f"taskframe.delay.{2 ** (level - 1)}ms" if level else "taskframe.delay.deliver",
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+        assert declares_as(raw_channel, name, level_arguments), name
+        assert not declares_as(raw_channel, name, {**level_arguments, "x-dead-letter-strategy": "at-most-once"})
+    # And the dead letter waits in a classic queue (listing puts it back, which a quorum queue
+    # would count as a delivery), which lists it as often as asked
+    for _ in range(3):
+        assert [(d.envelope.task_id, d.reason) for d in broker.dead_letters(queue)] == [("later", "rejected")]
+    assert declares_as(raw_channel, f"{queue}.dead", {})
+
+
+def test_a_delay_queue_declared_with_other_arguments_is_used_as_it_is(
+    make_broker: Any, raw_channel: Any, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a level queue declared classic, as earlier versions did in quorum mode
+    level_queue = f"{queue}.delay.256ms"
+    raw_channel.queue_declare(
+        level_queue, durable=True, arguments={"x-message-ttl": 256, "x-dead-letter-exchange": "taskframe.delay.128ms"}
+    )
+    broker = make_broker(rabbitmq_service.url(queue_type="quorum"))
+    # When a message is delayed through it
+    with caplog.at_level("WARNING", logger="taskframe.brokers.amqp"):
+        broker.publish(queue, task_message("through-classic"), delay_s=0.256)
+    # Then it still arrives, and the warning says what to do
+    [delivery] = broker.consumer([queue], prefetch=1).receive(5.0)
+    assert delivery.envelope.task_id == "through-classic"
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "taskframe.brokers.amqp"]
+    assert "exists with other arguments" in warning
+    assert f"rabbitmqctl delete_queue {level_queue}" in warning
+
+
 # -- batches: pipelined gets, ack_many -------------------------------------------------------
 
 
