@@ -1233,7 +1233,7 @@ class _Link:
         """Declare a delay queue; one that exists with other arguments (declared by an earlier
         version, or before ``queue_type`` changed) is used as it is, with a warning."""
         try:
-            self.admin().queue_declare(name, durable=True, arguments=arguments or None)
+            self.admin().queue_declare(name, durable=True, arguments=arguments)
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code != 406:
                 raise
@@ -1242,7 +1242,7 @@ class _Link:
                 " delete it when it is empty (rabbitmqctl delete_queue %s) to have it declared again",
                 name,
                 mask_url(self.url),
-                arguments or "none",
+                arguments,
                 exc.reply_text,
                 name,
             )

@@ -255,7 +255,7 @@ def test_quorum_mode_delays_through_quorum_level_queues(make_broker: Any, raw_ch
         level_arguments = {
             "x-queue-type": "quorum",
             "x-message-ttl": 2**level,
-            "x-dead-letter-exchange": f"taskframe.delay.{2 ** (level - 1)}ms" if level else "taskframe.delay.deliver",
+            "x-dead-letter-exchange": f"taskframe.delay.{2 ** (level - 1)}ms",
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
         }
