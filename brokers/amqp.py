@@ -1267,6 +1267,7 @@ class _Link:
             if name in self.declared:
                 continue
             self._declare_level_queue(name, self.options.level_queue_arguments(level))
+            # admin(), not ``channel``: a refused declaration closed that channel.
             self.admin().queue_bind(name, _level_exchange(level), routing_key=_pattern(token, level, "1"))
             self.declared.add(name)
 
@@ -1652,8 +1653,21 @@ class AMQPConsumer:
         batch = list(deliveries)
 
         def release() -> None:
-            for delivery in batch:
-                self._io_settle(delivery, "release")
+            with self._lock:
+                leases = [lease for lease in map(self._lease_of, batch) if lease is not None]
+                for lease in leases:
+                    del self._state.leases[lease.pending.delivery_tag]
+            if not leases:
+                return
+            # All confirmed in one round trip, then the originals acked.
+            self._link.publish(
+                [
+                    self._copy_of(lease.pending, lease.delivery.envelope, lease.delivery.deliveries - 1)
+                    for lease in leases
+                ]
+            )
+            for lease in leases:
+                self._io_basic_ack(lease.pending.delivery_tag)
 
         if batch:
             self._link.call(release)
@@ -1940,11 +1954,14 @@ class AMQPConsumer:
 
     def _io_republish(self, pending: _Pending, envelope: Envelope, deliveries: int, delay_s: float) -> None:
         """A copy with ``deliveries`` recorded, confirmed, then the original acked."""
-        priority = pending.priority
-        headers = {HEADER_DELIVERIES: deliveries}
-        copy = _Outgoing(pending.queue, _to_amqp(envelope, priority, headers), envelope.body, _delay_ms(delay_s))
-        self._link.publish([copy])
+        self._link.publish([self._copy_of(pending, envelope, deliveries, delay_s)])
         self._io_basic_ack(pending.delivery_tag)
+
+    @staticmethod
+    def _copy_of(pending: _Pending, envelope: Envelope, deliveries: int, delay_s: float = 0.0) -> _Outgoing:
+        """What a hand-back publishes: ``pending`` again, with ``deliveries`` recorded."""
+        properties = _to_amqp(envelope, pending.priority, {HEADER_DELIVERIES: deliveries})
+        return _Outgoing(pending.queue, properties, envelope.body, _delay_ms(delay_s))
 
     def _io_bury(self, pending: _Pending, envelope: Envelope, deliveries: int, reason: str) -> None:
         link = self._link
@@ -1985,8 +2002,6 @@ class AMQPConsumer:
             self._io_basic_ack(lease.pending.delivery_tag)
         elif action == "requeue":
             self._io_republish(lease.pending, delivery.envelope, delivery.deliveries, delay_s)
-        elif action == "release":
-            self._io_republish(lease.pending, delivery.envelope, delivery.deliveries - 1, 0.0)
         else:
             self._io_bury(lease.pending, delivery.envelope, delivery.deliveries, reason)
 
